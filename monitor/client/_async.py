@@ -1,0 +1,257 @@
+"""asyncio twin of ``MonitorClient``: same names, ``await`` where the sync one blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from monitor._proto import monitor_pb2 as pb
+from monitor._proto import monitor_pb2_grpc as pb_grpc
+from monitor.client import _wire
+from monitor.client._errors import RETRYABLE, ClientError, map_rpc_error
+from monitor.client._sync import _Counters
+from monitor.client._types import Catalog, ChunkVerdict, Generation, IngestReport, ScoreReply
+
+log = logging.getLogger("monitor.client")
+
+
+class AsyncMonitorClient:
+    """Talks to one sidecar from asyncio code; ``submit()`` is synchronous and never waits."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        queue_size: int = 1024,
+        batch_size: int = 32,
+        max_backoff: float = 5.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise ValueError(f"queue_size and batch_size: expected >= 1, got {queue_size}, {batch_size}")
+        self.target = target
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channel = grpc.aio.insecure_channel(
+            target, options=_wire.channel_options(max_message_bytes, max_backoff)
+        )
+        self._stub = pb_grpc.SafetyMonitorStub(self._channel)
+        self._queue: asyncio.Queue[Generation] = asyncio.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._counters = _Counters()
+        self._closing = False
+        self._sender: asyncio.Task[None] | None = None
+        self._busy = 0
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    async def score(self, generation: Generation, *, timeout: float | None = None) -> ScoreReply:
+        """Score one finished generation and return the sidecar's verdict."""
+        try:
+            resp = await self._stub.Score(
+                _wire.request(generation), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc) from None
+        return _wire.score_reply(resp)
+
+    async def ingest(self, generations: Iterable[Generation], *, timeout: float | None = None) -> IngestReport:
+        """Send many generations on one Ingest stream; returns after all were recorded."""
+        try:
+            summary = await self._stub.Ingest(
+                (_wire.request(g) for g in generations), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc) from None
+        return _wire.ingest_report(summary)
+
+    async def get_detectors(self) -> Catalog:
+        """What the sidecar's bundle expects (model, hook points, d_model, detectors)."""
+        try:
+            resp = await self._stub.GetDetectors(
+                pb.GetDetectorsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc) from None
+        return _wire.catalog(resp)
+
+    def stream(
+        self, request_id: str, model: str, *, prompt: str = "", labels: Mapping[str, str] | None = None
+    ) -> AsyncScoreStream:
+        """Open a ScoreStream for a running generation; ``await send(...)`` per chunk."""
+        return AsyncScoreStream(self, request_id, model, prompt, dict(labels or {}))
+
+    # -- fire and forget ---------------------------------------------------------------------
+    def submit(self, generation: Generation) -> bool:
+        """Queue a generation for background delivery; never waits. False when dropped."""
+        if self._closing:
+            self._counters.add(dropped=1)
+            return False
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        try:
+            self._queue.put_nowait(generation)
+        except asyncio.QueueFull:
+            self._counters.add(dropped=1)
+            return False
+        self._counters.add(submitted=1)
+        return True
+
+    @property
+    def submitted(self) -> int:
+        return self._counters.submitted
+
+    @property
+    def delivered(self) -> int:
+        return self._counters.delivered
+
+    @property
+    def rejected(self) -> int:
+        return self._counters.rejected
+
+    @property
+    def dropped(self) -> int:
+        return self._counters.dropped
+
+    @property
+    def send_failures(self) -> int:
+        return self._counters.send_failures
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued generation is settled; False on timeout."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout``), count the rest as dropped, close."""
+        await self.flush(timeout)
+        self._closing = True
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        self._counters.add(dropped=self._queue.qsize() + self._busy)
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncMonitorClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _send_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._busy = len(batch)
+            try:
+                while True:
+                    try:
+                        summary = await self._stub.Ingest(
+                            (_wire.request(g) for g in batch), timeout=self.timeout, metadata=self._metadata
+                        )
+                    except grpc.RpcError as exc:
+                        if exc.code() in RETRYABLE:
+                            self._counters.add(send_failures=1)
+                            await asyncio.sleep(backoff)
+                            backoff = min(backoff * 2, self.max_backoff)
+                            continue
+                        log.warning("dropping %d generations: %s", len(batch), map_rpc_error(exc))
+                        self._counters.add(dropped=len(batch))
+                    except Exception:
+                        log.exception("dropping %d generations that could not be encoded", len(batch))
+                        self._counters.add(dropped=len(batch))
+                    else:
+                        backoff = 0.1
+                        self._counters.add(delivered=summary.accepted, rejected=summary.rejected)
+                    break
+            finally:
+                self._busy = 0
+                for _ in batch:
+                    self._queue.task_done()
+
+
+class _Status(grpc.RpcError):
+    """A finished call's status in the shape ``map_rpc_error`` reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class AsyncScoreStream:
+    """One running generation on a ScoreStream call (asyncio)."""
+
+    def __init__(
+        self, client: AsyncMonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]
+    ) -> None:
+        self.request_id = request_id
+        self._model = model
+        self._prompt = prompt
+        self._labels = labels
+        self._sent = 0
+        self._closed = False
+        self._call: Any = client._stub.ScoreStream(metadata=client._metadata)
+
+    async def send(
+        self, activations: Mapping[str, Any] | None = None, text_delta: str = "", *, final: bool = False
+    ) -> ChunkVerdict:
+        """Send the new tokens' activations (hook point -> [new_tokens, d_model]); get the verdict."""
+        if self._closed:
+            raise ClientError("stream: already closed", "FAILED_PRECONDITION")
+        msg = _wire.chunk(
+            request_id=self.request_id, model=self._model, prompt=self._prompt, labels=self._labels,
+            first=self._sent == 0, text_delta=text_delta, activations=activations or {}, final=final,
+        )
+        self._sent += 1
+        try:
+            await self._call.write(msg)
+            resp = await self._call.read()
+        except grpc.RpcError as exc:
+            self._closed = True
+            raise map_rpc_error(exc) from None
+        if resp is grpc.aio.EOF:
+            self._closed = True
+            code = await self._call.code()
+            details = await self._call.details()
+            raise map_rpc_error(_Status(code, details or "server ended the stream"))
+        if final:
+            await self.close()
+        return _wire.chunk_verdict(resp)
+
+    async def close(self) -> None:
+        """End the request stream."""
+        if not self._closed:
+            self._closed = True
+            await self._call.done_writing()
+            await self._call.code()  # waits for the server to finish the call
+
+    async def __aenter__(self) -> AsyncScoreStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

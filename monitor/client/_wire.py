@@ -1,0 +1,142 @@
+"""Client-side conversion between the dataclasses in ``_types`` and the wire messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from monitor._proto import monitor_pb2 as pb
+from monitor.client._types import (
+    Catalog,
+    ChunkVerdict,
+    DetectorVerdict,
+    FeatureInfo,
+    Generation,
+    HookPointInfo,
+    HookStats,
+    IngestReport,
+    ScoreReply,
+)
+from monitor.tensors import encode
+
+
+def blocks(activations: Mapping[str, Any]) -> list[pb.ActivationBlock]:
+    out = []
+    for hook, arr in activations.items():
+        t = encode(arr)
+        out.append(
+            pb.ActivationBlock(
+                hook_point=hook, activations=pb.Tensor(shape=list(t.shape), dtype=pb.DType.Name(t.dtype), data=t.data)
+            )
+        )
+    return out
+
+
+def request(gen: Generation) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        request_id=gen.request_id,
+        model=gen.model,
+        prompt=gen.prompt,
+        output=gen.output,
+        activations=blocks(gen.activations),
+        labels=dict(gen.labels),
+    )
+
+
+def _hook_stats(items: Iterable[pb.HookStats]) -> tuple[HookStats, ...]:
+    return tuple(HookStats(h.hook_point, h.tokens, h.mean_l2_norm, h.max_l2_norm) for h in items)
+
+
+def _detectors(items: Iterable[pb.DetectorScore]) -> tuple[DetectorVerdict, ...]:
+    return tuple(
+        DetectorVerdict(
+            detector=d.detector,
+            behaviour=d.behaviour,
+            score=d.score,
+            probability=d.probability,
+            threshold=d.threshold,
+            fired=d.fired,
+            severity=pb.Severity.Name(d.severity).removeprefix("SEVERITY_").lower(),
+            top_features=tuple(
+                FeatureInfo(f.latent, f.activation, f.contribution, f.label) for f in d.top_features
+            ),
+        )
+        for d in items
+    )
+
+
+def score_reply(r: pb.ScoreResponse) -> ScoreReply:
+    return ScoreReply(
+        request_id=r.request_id,
+        hook_stats=_hook_stats(r.hook_stats),
+        text_stats=dict(r.text_stats),
+        detectors=_detectors(r.detectors),
+        flagged=r.flagged,
+        server_seconds=r.server_seconds,
+    )
+
+
+def chunk_verdict(v: pb.Verdict) -> ChunkVerdict:
+    return ChunkVerdict(
+        request_id=v.request_id,
+        chunk_index=v.chunk_index,
+        tokens_seen=v.tokens_seen,
+        hook_stats=_hook_stats(v.hook_stats),
+        text_stats=dict(v.text_stats),
+        detectors=_detectors(v.detectors),
+        halt=v.advice == pb.ADVICE_HALT,
+        reason=v.reason,
+        final=v.final,
+    )
+
+
+def ingest_report(s: pb.IngestSummary) -> IngestReport:
+    return IngestReport(
+        received=s.received,
+        accepted=s.accepted,
+        rejected=s.rejected,
+        flagged=s.flagged,
+        errors=tuple((e.index, e.request_id, e.message) for e in s.errors),
+    )
+
+
+def catalog(c: pb.DetectorCatalog) -> Catalog:
+    return Catalog(
+        model=c.model,
+        bundle_name=c.bundle_name,
+        bundle_version=c.bundle_version,
+        hook_points=tuple(HookPointInfo(h.name, h.d_model, h.max_tokens) for h in c.hook_points),
+        detectors=tuple(d.name for d in c.detectors),
+    )
+
+
+def chunk(
+    *,
+    request_id: str,
+    model: str,
+    prompt: str,
+    labels: Mapping[str, str],
+    first: bool,
+    text_delta: str,
+    activations: Mapping[str, Any],
+    final: bool,
+) -> pb.ScoreChunk:
+    msg = pb.ScoreChunk(
+        request_id=request_id, text_delta=text_delta, activations=blocks(activations), final=final
+    )
+    if first:
+        msg.model = model
+        msg.prompt = prompt
+        msg.labels.update(labels)
+    return msg
+
+
+def channel_options(max_message_bytes: int, max_backoff_s: float) -> list[tuple[str, int]]:
+    """Fast reconnects (100 ms doubling up to ``max_backoff_s``) and large messages."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(max_backoff_s * 1000)),
+    ]

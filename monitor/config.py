@@ -1,0 +1,130 @@
+"""Server configuration: defaults, then a YAML file, then ``SAFETY_MONITOR_*`` env, then flags.
+
+Every key is a field of ``ServerConfig``; an unknown key or a bad value raises ``ConfigError``
+naming the key, the source and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from monitor.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "ServerConfig", "load_config"]
+
+ENV_PREFIX = "SAFETY_MONITOR_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one sidecar process.
+
+    host: gRPC bind address (default 127.0.0.1: a sidecar talks to its pod's inference server).
+    port: gRPC port (0 picks a free one).
+    metrics_host / metrics_port: where ``/metrics`` is served over HTTP (port 0 picks one).
+    max_message_bytes: largest gRPC message accepted or sent, in bytes (default 64 MiB).
+    workers: threads that decode and score requests.
+    max_in_flight: RPCs processed at once; more are shed with RESOURCE_EXHAUSTED (counted).
+    max_tokens: largest token count of one activation block (one request or one stream chunk).
+    max_stream_tokens: largest total token count of one ScoreStream.
+    drain_seconds: on SIGTERM, how long in-flight RPCs may run before the server exits.
+    bundle: detector bundle folder; None loads the embedded default.
+    auth_token: when set, RPCs must send metadata ``authorization: Bearer <token>``.
+    log_level: Python logging level name.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    max_message_bytes: int = 64 * 1024 * 1024
+    workers: int = 2
+    max_in_flight: int = 64
+    max_tokens: int = 8192
+    max_stream_tokens: int = 65536
+    drain_seconds: float = 30.0
+    bundle: str | None = None
+    auth_token: str | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{name}: expected 0..65535, got {value}")
+        for name in ("max_message_bytes", "workers", "max_in_flight", "max_tokens", "max_stream_tokens"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value}")
+        if self.drain_seconds < 0:
+            raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(
+                f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
+            )
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Convert ``value`` to the type of field ``key`` (strings from env/flags included)."""
+    kind = str(_FIELDS[key].type)
+    if value is None or (isinstance(value, str) and value == "" and "None" in kind):
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{key} ({source}): expected a value, got nothing")
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} ({source}): expected {kind.split(' ')[0]}, got {value!r}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Build a ``ServerConfig`` from a YAML file, the environment and explicit overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of keys, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if key not in _FIELDS:
+                raise ConfigError(
+                    f"config file {p}: unknown key {key!r}; expected one of {', '.join(_FIELDS)}"
+                )
+            values[key] = _coerce(key, value, f"config file {p}")
+    environ = os.environ if env is None else env
+    for key in _FIELDS:
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            values[key] = _coerce(key, environ[name], f"environment {name}")
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}; expected one of {', '.join(_FIELDS)}")
+        if value is not None:
+            values[key] = _coerce(key, value, "command line")
+    return ServerConfig(**values)

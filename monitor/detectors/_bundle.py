@@ -1,0 +1,99 @@
+"""Loading ``bundle.yaml``: the contract between a trained detector set and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from monitor.errors import MonitorError
+
+SUPPORTED_FORMAT = 1
+
+
+class BundleError(MonitorError):
+    """A bundle folder is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One place in the model the bundle reads activations from.
+
+    name: hook point name as clients send it (SAELens style, e.g. ``blocks.16.hook_resid_post``).
+    layer: index of the decoder layer whose output (residual stream) this is.
+    d_model: width of the activation vectors, in elements.
+    """
+
+    name: str
+    layer: int
+    d_model: int
+
+    def __post_init__(self) -> None:
+        if self.d_model <= 0:
+            raise BundleError(f"hook point {self.name!r}: d_model must be > 0, got {self.d_model}")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A detector bundle loaded from a folder with ``bundle.yaml``."""
+
+    name: str
+    version: str
+    model: str
+    hook_points: tuple[HookPoint, ...]
+    model_aliases: tuple[str, ...] = ()
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def accepted_models(self) -> tuple[str, ...]:
+        """Model ids a request may name: the bundle's model and its aliases."""
+        return (self.model, *self.model_aliases)
+
+    def hook_point(self, name: str) -> HookPoint | None:
+        """The hook point called ``name``, or None."""
+        for hp in self.hook_points:
+            if hp.name == name:
+                return hp
+        return None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Bundle:
+        """Load the bundle in folder ``path`` (the embedded default when None)."""
+        folder = Path(path) if path is not None else default_bundle_path()
+        manifest = folder / "bundle.yaml"
+        if not manifest.is_file():
+            raise BundleError(f"bundle: expected a folder with bundle.yaml, got {folder}")
+        try:
+            raw = yaml.safe_load(manifest.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BundleError(f"{manifest}: not valid YAML: {exc}") from exc
+        fmt = raw.get("format_version")
+        if fmt != SUPPORTED_FORMAT:
+            raise BundleError(f"{manifest}: format_version: expected {SUPPORTED_FORMAT}, got {fmt!r}")
+        try:
+            hooks = tuple(
+                HookPoint(name=str(h["name"]), layer=int(h["layer"]), d_model=int(h["d_model"]))
+                for h in raw["hook_points"]
+            )
+            bundle = cls(
+                name=str(raw["name"]),
+                version=str(raw["version"]),
+                model=str(raw["model"]),
+                model_aliases=tuple(str(a) for a in raw.get("model_aliases", [])),
+                hook_points=hooks,
+                path=folder,
+                raw=raw,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{manifest}: missing or malformed key: {exc}") from exc
+        if not hooks:
+            raise BundleError(f"{manifest}: hook_points: expected at least one, got none")
+        return bundle
+
+
+def default_bundle_path() -> Path:
+    """Folder of the embedded default bundle."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default"

@@ -1,0 +1,144 @@
+"""Every Prometheus metric the sidecar exports, defined in one place (DESIGN section 8).
+
+``MonitorMetrics`` creates the metrics on a registry (a fresh one per test) and its
+``record_*`` methods turn the pipeline's result objects into metric updates. Labels are
+bounded: rpc, gRPC status code, hook point, reason keyword - never ids or text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from monitor.pipeline import ScoreResult, StreamVerdict
+
+__all__ = ["LATENCY_BUCKETS", "MonitorMetrics"]
+
+PREFIX = "safety_monitor"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+NORM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+RPCS = ("Score", "ScoreStream", "Ingest", "GetDetectors")
+
+
+class MonitorMetrics:
+    """The sidecar's metrics on one registry, plus the recorder that updates them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        # -- build ----------------------------------------------------------------------
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; labels say which version and bundle this sidecar runs.",
+            ["version", "bundle", "model"],
+            registry=r,
+        )
+        # -- RPC traffic ----------------------------------------------------------------
+        self.requests = Counter(
+            f"{PREFIX}_requests_total",
+            "RPCs finished, by method and gRPC status code.",
+            ["rpc", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Wall time of an RPC inside the server, from first byte to last reply.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_in_flight_requests",
+            "RPCs being processed now.",
+            ["rpc"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            f"{PREFIX}_received_bytes_total",
+            "Activation payload bytes received and decoded.",
+            ["rpc"],
+            registry=r,
+        )
+        self.shed = Counter(
+            f"{PREFIX}_shed_requests_total",
+            "RPCs refused with RESOURCE_EXHAUSTED because max_in_flight was reached.",
+            ["rpc"],
+            registry=r,
+        )
+        self.invalid = Counter(
+            f"{PREFIX}_invalid_inputs_total",
+            "Requests or items rejected with INVALID_ARGUMENT, by reason.",
+            ["rpc", "reason"],
+            registry=r,
+        )
+        # -- scoring ----------------------------------------------------------------------
+        self.generations = Counter(
+            f"{PREFIX}_generations_scored_total",
+            "Finished generations scored (Score, Ingest items, completed streams).",
+            ["rpc"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens_scored_total",
+            "Activation rows (tokens) scored, by hook point.",
+            ["hook_point"],
+            registry=r,
+        )
+        self.stream_chunks = Counter(
+            f"{PREFIX}_stream_chunks_total",
+            "ScoreStream chunks scored.",
+            registry=r,
+        )
+        self.pipeline_seconds = Histogram(
+            f"{PREFIX}_pipeline_duration_seconds",
+            "Time spent validating and scoring one generation or chunk (excludes queueing).",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.activation_norm = Histogram(
+            f"{PREFIX}_activation_mean_l2_norm",
+            "Mean L2 norm of a generation's activation rows, by hook point (input drift signal).",
+            ["hook_point"],
+            buckets=NORM_BUCKETS,
+            registry=r,
+        )
+        self.ingest_items = Counter(
+            f"{PREFIX}_ingest_items_total",
+            "Items received on Ingest streams, by result (accepted or rejected).",
+            ["result"],
+            registry=r,
+        )
+        for rpc in RPCS:  # so rates exist (as 0) before the first request
+            self.in_flight.labels(rpc)
+            self.request_seconds.labels(rpc)
+
+    # -- recorder -----------------------------------------------------------------------------
+    def record_rpc(self, rpc: str, code: str, seconds: float) -> None:
+        """One RPC finished with gRPC status ``code`` (e.g. "OK", "INVALID_ARGUMENT")."""
+        self.requests.labels(rpc, code).inc()
+        self.request_seconds.labels(rpc).observe(seconds)
+
+    def record_invalid(self, rpc: str, reason: str) -> None:
+        self.invalid.labels(rpc, reason).inc()
+
+    def record_score(self, rpc: str, result: ScoreResult) -> None:
+        """A finished generation was scored."""
+        self.generations.labels(rpc).inc()
+        self.received_bytes.labels(rpc).inc(result.bytes_received)
+        self.pipeline_seconds.labels(rpc).observe(result.seconds)
+        for hs in result.hook_stats:
+            self.tokens.labels(hs.hook_point).inc(hs.tokens)
+            self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
+
+    def record_chunk(self, verdict: StreamVerdict) -> None:
+        """A stream chunk was scored; a final chunk also counts its generation."""
+        self.stream_chunks.inc()
+        self.received_bytes.labels("ScoreStream").inc(verdict.new_bytes)
+        self.pipeline_seconds.labels("ScoreStream").observe(verdict.seconds)
+        for hook, n in verdict.new_tokens.items():
+            self.tokens.labels(hook).inc(n)
+        if verdict.final:
+            self.generations.labels("ScoreStream").inc()
+            for hs in verdict.hook_stats:
+                self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)

@@ -1,0 +1,370 @@
+"""The per-request path: validate -> (detect) -> statistics -> result objects.
+
+The server and the bulk paths call ``Pipeline.score`` for a finished generation and
+``Pipeline.open_stream`` for a running one. Results are plain dataclasses; metrics are
+recorded from them by ``monitor.metrics``, never here. Detectors, text statistics and drift
+plug in as later stages of the same object.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from monitor.detectors import Bundle, HookPoint
+from monitor.errors import InvalidInput
+from monitor.tensors import WireTensor, decode, require_finite
+
+__all__ = [
+    "ActivationInput",
+    "ChunkInput",
+    "HookStats",
+    "Limits",
+    "Pipeline",
+    "ScoreInput",
+    "ScoreResult",
+    "StreamScorer",
+    "StreamVerdict",
+]
+
+MAX_REQUEST_ID = 128
+MAX_LABELS = 8
+MAX_LABEL_VALUE = 128
+MAX_TEXT_CHARS = 1_000_000
+_LABEL_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a request must respect (tokens per block, tokens per stream)."""
+
+    max_tokens: int = 8192
+    max_stream_tokens: int = 65536
+
+
+@dataclass(frozen=True)
+class ActivationInput:
+    """Activations of one hook point as received (still undecoded)."""
+
+    hook_point: str
+    tensor: WireTensor
+    projected: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """One finished generation as the pipeline sees it."""
+
+    request_id: str
+    model: str
+    prompt: str = ""
+    output: str = ""
+    activations: Sequence[ActivationInput] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One chunk of a running generation; identity fields matter on the first chunk only."""
+
+    request_id: str = ""
+    model: str = ""
+    prompt: str = ""
+    text_delta: str = ""
+    activations: Sequence[ActivationInput] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class HookStats:
+    """Real statistics of the activations seen at one hook point."""
+
+    hook_point: str
+    tokens: int
+    mean_l2_norm: float
+    max_l2_norm: float
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What the pipeline concluded about one finished generation."""
+
+    request_id: str
+    model: str
+    hook_stats: tuple[HookStats, ...]
+    text_stats: Mapping[str, float]
+    flagged: bool
+    seconds: float
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class StreamVerdict:
+    """The running verdict after one chunk of a stream."""
+
+    request_id: str
+    model: str
+    chunk_index: int
+    tokens_seen: int
+    new_tokens: Mapping[str, int]
+    new_bytes: int
+    hook_stats: tuple[HookStats, ...]
+    text_stats: Mapping[str, float]
+    halt: bool
+    reason: str
+    final: bool
+    seconds: float
+
+
+@dataclass
+class _HookAccumulator:
+    """Running sums for one hook point, so a stream's stats cost O(1) memory."""
+
+    hook_point: str
+    tokens: int = 0
+    norm_sum: float = 0.0
+    norm_max: float = 0.0
+
+    def add(self, norms: np.ndarray) -> None:
+        if norms.size:
+            self.tokens += int(norms.size)
+            self.norm_sum += float(norms.sum(dtype=np.float64))
+            self.norm_max = max(self.norm_max, float(norms.max()))
+
+    def stats(self) -> HookStats:
+        mean = self.norm_sum / self.tokens if self.tokens else 0.0
+        return HookStats(self.hook_point, self.tokens, mean, self.norm_max)
+
+
+class Pipeline:
+    """Scores generations against a loaded bundle.
+
+    >>> from monitor.detectors import Bundle
+    >>> from monitor.tensors import encode
+    >>> import numpy as np
+    >>> p = Pipeline(Bundle.load())
+    >>> x = np.full((4, 576), 0.5, dtype=np.float32)
+    >>> r = p.score(ScoreInput("r1", "SmolLM2-135M-Instruct", output="Hi there.",
+    ...     activations=[ActivationInput("blocks.16.hook_resid_post", encode(x))]))
+    >>> r.hook_stats[0].tokens, round(r.hook_stats[0].mean_l2_norm, 3)
+    (4, 12.0)
+    """
+
+    def __init__(self, bundle: Bundle, limits: Limits | None = None) -> None:
+        self.bundle = bundle
+        self.limits = limits or Limits()
+
+    # -- finished generations -------------------------------------------------------------
+    def score(self, req: ScoreInput) -> ScoreResult:
+        """Validate and score one finished generation; raises ``InvalidInput`` on bad fields."""
+        start = time.perf_counter()
+        _check_identity(req.request_id, req.model, req.labels, self.bundle)
+        _check_text("prompt", req.prompt)
+        _check_text("output", req.output)
+        if not req.activations:
+            raise InvalidInput(
+                "activations",
+                f"at least one block for hook point {self.bundle.hook_points[0].name}",
+                "none",
+                reason="missing",
+            )
+        accs: dict[str, _HookAccumulator] = {}
+        nbytes = 0
+        for i, block in enumerate(req.activations):
+            hp, arr = self._decode_block(block, f"activations[{i}]", self.limits.max_tokens)
+            if hp.name in accs:
+                raise InvalidInput(
+                    f"activations[{i}].hook_point",
+                    "each hook point at most once per request",
+                    f"{hp.name!r} repeated",
+                    reason="hook_point",
+                )
+            acc = accs[hp.name] = _HookAccumulator(hp.name)
+            acc.add(_row_norms(arr))
+            nbytes += len(block.tensor.data)
+        return ScoreResult(
+            request_id=req.request_id,
+            model=req.model,
+            hook_stats=tuple(a.stats() for a in accs.values()),
+            text_stats=_text_stats(req.prompt, req.output),
+            flagged=False,
+            seconds=time.perf_counter() - start,
+            bytes_received=nbytes,
+        )
+
+    # -- running generations --------------------------------------------------------------
+    def open_stream(self) -> StreamScorer:
+        """State for one ScoreStream call; feed it chunks with ``update``."""
+        return StreamScorer(self)
+
+    def _decode_block(
+        self, block: ActivationInput, field_name: str, max_tokens: int
+    ) -> tuple[HookPoint, np.ndarray]:
+        hp = self.bundle.hook_point(block.hook_point)
+        if hp is None:
+            names = ", ".join(h.name for h in self.bundle.hook_points)
+            raise InvalidInput(
+                f"{field_name}.hook_point",
+                f"one of [{names}]",
+                repr(block.hook_point),
+                reason="hook_point",
+            )
+        if block.projected:
+            raise InvalidInput(
+                f"{field_name}.projected",
+                "false (bundle has no encoder slice for projected mode)",
+                "true",
+                reason="projected",
+            )
+        tfield = f"{field_name}.activations"
+        shape = block.tensor.shape
+        if len(shape) != 2:
+            raise InvalidInput(
+                f"{tfield}.shape",
+                f"rank 2 [tokens, d_model={hp.d_model}]",
+                f"rank {len(shape)} {list(shape)}",
+                reason="rank",
+            )
+        if shape[1] != hp.d_model:
+            raise InvalidInput(
+                f"{tfield}.shape[1] (d_model)",
+                f"{hp.d_model} for hook point {hp.name}",
+                str(shape[1]),
+                reason="d_model",
+            )
+        if shape[0] > max_tokens:
+            raise InvalidInput(
+                f"{tfield}.shape[0] (tokens)",
+                f"at most {max_tokens}",
+                str(shape[0]),
+                reason="too_many_tokens",
+            )
+        arr = decode(block.tensor, tfield)
+        require_finite(arr, tfield)
+        return hp, arr
+
+
+class StreamScorer:
+    """Running state of one ScoreStream: bounded accumulators, one verdict per chunk."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._p = pipeline
+        self.request_id = ""
+        self.model = ""
+        self.chunks = 0
+        self.tokens_seen = 0
+        self.finished = False
+        self._prompt = ""
+        self._output_parts: list[str] = []
+        self._output_chars = 0
+        self._accs: dict[str, _HookAccumulator] = {}
+
+    def update(self, chunk: ChunkInput) -> StreamVerdict:
+        """Validate and fold in one chunk; raises ``InvalidInput`` (the stream should end)."""
+        start = time.perf_counter()
+        if self.finished:
+            raise InvalidInput("final", "no chunks after a chunk with final=true", "another chunk")
+        if self.chunks == 0:
+            _check_identity(chunk.request_id, chunk.model, chunk.labels, self._p.bundle)
+            _check_text("prompt", chunk.prompt)
+            self.request_id, self.model, self._prompt = chunk.request_id, chunk.model, chunk.prompt
+        elif chunk.request_id and chunk.request_id != self.request_id:
+            raise InvalidInput(
+                "request_id", f"{self.request_id!r} (as in the stream's first chunk)", repr(chunk.request_id)
+            )
+        self._output_chars += len(chunk.text_delta)
+        if self._output_chars > MAX_TEXT_CHARS:
+            raise InvalidInput(
+                "text_delta", f"at most {MAX_TEXT_CHARS} characters in all", str(self._output_chars)
+            )
+        new_tokens: dict[str, int] = {}
+        nbytes = 0
+        budget = self._p.limits.max_stream_tokens - self.tokens_seen
+        for i, block in enumerate(chunk.activations):
+            field_name = f"activations[{i}]"
+            hp, arr = self._p._decode_block(block, field_name, self._p.limits.max_tokens)
+            if hp.name in new_tokens:
+                raise InvalidInput(
+                    f"{field_name}.hook_point",
+                    "each hook point at most once per chunk",
+                    f"{hp.name!r} repeated",
+                    reason="hook_point",
+                )
+            if arr.shape[0] > budget:
+                raise InvalidInput(
+                    f"{field_name}.activations.shape[0] (tokens)",
+                    f"at most {self._p.limits.max_stream_tokens} tokens per stream "
+                    f"({budget} left)",
+                    str(arr.shape[0]),
+                    reason="too_many_tokens",
+                )
+            acc = self._accs.setdefault(hp.name, _HookAccumulator(hp.name))
+            acc.add(_row_norms(arr))
+            new_tokens[hp.name] = int(arr.shape[0])
+            nbytes += len(block.tensor.data)
+        self._output_parts.append(chunk.text_delta)
+        self.tokens_seen += max(new_tokens.values(), default=0)
+        index = self.chunks
+        self.chunks += 1
+        self.finished = chunk.final
+        output = "".join(self._output_parts)
+        self._output_parts = [output]
+        return StreamVerdict(
+            request_id=self.request_id,
+            model=self.model,
+            chunk_index=index,
+            tokens_seen=self.tokens_seen,
+            new_tokens=new_tokens,
+            new_bytes=nbytes,
+            hook_stats=tuple(a.stats() for a in self._accs.values()),
+            text_stats=_text_stats(self._prompt, output),
+            halt=False,
+            reason="",
+            final=chunk.final,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _row_norms(arr: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))
+
+
+def _check_identity(request_id: str, model: str, labels: Mapping[str, str], bundle: Bundle) -> None:
+    if not request_id or len(request_id) > MAX_REQUEST_ID:
+        raise InvalidInput(
+            "request_id", f"1..{MAX_REQUEST_ID} characters", f"{len(request_id)} characters", reason="request_id"
+        )
+    if model not in bundle.accepted_models:
+        raise InvalidInput(
+            "model", f"one of {list(bundle.accepted_models)} (the loaded bundle's model)", repr(model), reason="model"
+        )
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput("labels", f"at most {MAX_LABELS} entries", f"{len(labels)} entries", reason="labels")
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidInput(
+                f"labels[{key[:40]!r}]", "a key matching [a-z_][a-z0-9_]{0,31}", repr(key[:40]), reason="labels"
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidInput(
+                f"labels[{key!r}]", f"at most {MAX_LABEL_VALUE} characters", f"{len(value)} characters", reason="labels"
+            )
+
+
+def _check_text(name: str, text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidInput(name, f"at most {MAX_TEXT_CHARS} characters", f"{len(text)} characters", reason="text_size")
+
+
+def _text_stats(prompt: str, output: str) -> dict[str, float]:
+    """Basic length statistics; the text-statistics stage replaces this with the full set."""
+    return {
+        "prompt_chars": float(len(prompt)),
+        "output_chars": float(len(output)),
+        "output_words": float(len(output.split())),
+    }

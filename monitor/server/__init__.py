@@ -1,0 +1,9 @@
+"""The gRPC sidecar server: SafetyMonitor service, health checking, reflection and /metrics.
+
+``SidecarServer`` runs one in-process (tests, embedding); ``serve`` is the process lifecycle
+behind ``monitor serve`` (SIGTERM drains in-flight RPCs, then exits 0).
+"""
+
+from monitor.server._lifecycle import SERVICE_NAME, SidecarServer, serve
+
+__all__ = ["SERVICE_NAME", "SidecarServer", "serve"]

@@ -1,0 +1,121 @@
+"""Start, serve and drain: the whole lifecycle of one sidecar process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from monitor import __version__
+from monitor._proto import monitor_pb2 as pb
+from monitor._proto import monitor_pb2_grpc as pb_grpc
+from monitor.config import ServerConfig
+from monitor.detectors import Bundle
+from monitor.metrics import MonitorMetrics
+from monitor.pipeline import Limits, Pipeline
+from monitor.server._auth import BearerTokenInterceptor
+from monitor.server._servicer import SafetyMonitorServicer
+
+log = logging.getLogger("monitor.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SafetyMonitor"].full_name
+
+
+class SidecarServer:
+    """A running sidecar: gRPC (with health and reflection) plus the ``/metrics`` HTTP port.
+
+    Use ``await start()``, then ``await stop()``; ``port`` and ``metrics_port`` are the bound
+    ports (useful when the config asked for port 0).
+    """
+
+    def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
+        self.config = config
+        self.bundle = bundle if bundle is not None else Bundle.load(config.bundle)
+        self.metrics = MonitorMetrics()
+        self.pipeline = Pipeline(
+            self.bundle, Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens)
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self._http: Any = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        interceptors = []
+        if cfg.auth_token:
+            interceptors.append(
+                BearerTokenInterceptor(
+                    cfg.auth_token, on_reject=lambda rpc: self.metrics.record_rpc(rpc, "UNAUTHENTICATED", 0.0)
+                )
+            )
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        servicer = SafetyMonitorServicer(self.pipeline, self.metrics, self._executor, cfg.max_in_flight)
+        pb_grpc.add_SafetyMonitorServicer_to_server(servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"port: could not bind gRPC to {cfg.host}:{cfg.port}")
+        self.metrics.build_info.labels(__version__, self.bundle.name, self.bundle.model).set(1)
+        self._http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+        self.metrics_port = int(self._http.server_port)
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s:%d (metrics on http://%s:%d/metrics), bundle %s for %s",
+            SERVICE_NAME, cfg.host, self.port, cfg.metrics_host, self.metrics_port,
+            self.bundle.name, self.bundle.model,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` s."""
+        grace = self.config.drain_seconds if grace is None else grace
+        if self._server is not None:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        self._executor.shutdown(wait=True)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain in-flight RPCs and return exit status 0."""
+    sidecar = SidecarServer(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("signal received: draining in-flight RPCs (up to %.1f s)", config.drain_seconds)
+    await sidecar.stop()
+    log.info("stopped")
+    return 0
