@@ -25,6 +25,7 @@ test-unit: $(STAMP)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check monitor tests scripts bench
+	$(PYTHON) -m ruff format --check monitor tests scripts bench
 	$(PYTHON) -m mypy
 	$(PYTHON) scripts/gen_proto.py --check
 

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
+
+    from monitor import demo
+
+    demo.add_parser(sub)
     return parser
 
 

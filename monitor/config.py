@@ -66,9 +66,7 @@ class ServerConfig:
         if self.drain_seconds < 0:
             raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(
-                f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
-            )
+            raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -113,9 +111,7 @@ def load_config(
             raise ConfigError(f"config file {p}: expected a mapping of keys, got {type(loaded).__name__}")
         for key, value in loaded.items():
             if key not in _FIELDS:
-                raise ConfigError(
-                    f"config file {p}: unknown key {key!r}; expected one of {', '.join(_FIELDS)}"
-                )
+                raise ConfigError(f"config file {p}: unknown key {key!r}; expected one of {', '.join(_FIELDS)}")
             values[key] = _coerce(key, value, f"config file {p}")
     environ = os.environ if env is None else env
     for key in _FIELDS:

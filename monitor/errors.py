@@ -1,8 +1,8 @@
 """Errors shared across the sidecar.
 
-    MonitorError
-     ├── InvalidInput (also a ValueError)  bad request content -> INVALID_ARGUMENT on the wire
-     └── ConfigError (also a ValueError)    bad configuration file / environment / flag
+MonitorError
+ ├── InvalidInput (also a ValueError)  bad request content -> INVALID_ARGUMENT on the wire
+ └── ConfigError (also a ValueError)    bad configuration file / environment / flag
 """
 
 from __future__ import annotations

@@ -202,9 +202,7 @@ class Pipeline:
         """State for one ScoreStream call; feed it chunks with ``update``."""
         return StreamScorer(self)
 
-    def _decode_block(
-        self, block: ActivationInput, field_name: str, max_tokens: int
-    ) -> tuple[HookPoint, np.ndarray]:
+    def _decode_block(self, block: ActivationInput, field_name: str, max_tokens: int) -> tuple[HookPoint, np.ndarray]:
         hp = self.bundle.hook_point(block.hook_point)
         if hp is None:
             names = ", ".join(h.name for h in self.bundle.hook_points)
@@ -279,9 +277,7 @@ class StreamScorer:
             )
         self._output_chars += len(chunk.text_delta)
         if self._output_chars > MAX_TEXT_CHARS:
-            raise InvalidInput(
-                "text_delta", f"at most {MAX_TEXT_CHARS} characters in all", str(self._output_chars)
-            )
+            raise InvalidInput("text_delta", f"at most {MAX_TEXT_CHARS} characters in all", str(self._output_chars))
         new_tokens: dict[str, int] = {}
         nbytes = 0
         budget = self._p.limits.max_stream_tokens - self.tokens_seen
@@ -298,8 +294,7 @@ class StreamScorer:
             if arr.shape[0] > budget:
                 raise InvalidInput(
                     f"{field_name}.activations.shape[0] (tokens)",
-                    f"at most {self._p.limits.max_stream_tokens} tokens per stream "
-                    f"({budget} left)",
+                    f"at most {self._p.limits.max_stream_tokens} tokens per stream ({budget} left)",
                     str(arr.shape[0]),
                     reason="too_many_tokens",
                 )

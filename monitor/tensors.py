@@ -50,13 +50,9 @@ def decode(t: WireTensor, field: str) -> np.ndarray:
     try:
         dtype = DType(t.dtype)
     except ValueError:
-        raise InvalidInput(
-            f"{field}.dtype", f"one of {_NAMES}", _dtype_name(t.dtype), reason="dtype"
-        ) from None
+        raise InvalidInput(f"{field}.dtype", f"one of {_NAMES}", _dtype_name(t.dtype), reason="dtype") from None
     if any(d < 0 for d in t.shape):
-        raise InvalidInput(
-            f"{field}.shape", "non-negative dimensions", str(list(t.shape)), reason="shape"
-        )
+        raise InvalidInput(f"{field}.shape", "non-negative dimensions", str(list(t.shape)), reason="shape")
     count = math.prod(t.shape)
     want = count * dtype.itemsize
     if len(t.data) != want:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import ServerConfig
-from monitor.server import SidecarServer
+from monitor.server import BackgroundSidecar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,28 +27,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerThread:
-    """Runs a ``SidecarServer`` on its own event loop thread; ``stop()`` drains and joins."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = SidecarServer(config)
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, grace: float = 1.0) -> None:
-        if self._thread.is_alive():
-            self.call(self.server.stop(grace))
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+class ServerThread(BackgroundSidecar):
+    """The real sidecar on a background loop, plus a /metrics scraper for assertions."""
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Scrape /metrics over HTTP and parse it with prometheus_client's parser."""

@@ -41,9 +41,7 @@ class AsyncMonitorClient:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.aio.insecure_channel(
-            target, options=_wire.channel_options(max_message_bytes, max_backoff)
-        )
+        self._channel = grpc.aio.insecure_channel(target, options=_wire.channel_options(max_message_bytes, max_backoff))
         self._stub = pb_grpc.SafetyMonitorStub(self._channel)
         self._queue: asyncio.Queue[Generation] = asyncio.Queue(maxsize=queue_size)
         self._batch_size = batch_size
@@ -224,8 +222,14 @@ class AsyncScoreStream:
         if self._closed:
             raise ClientError("stream: already closed", "FAILED_PRECONDITION")
         msg = _wire.chunk(
-            request_id=self.request_id, model=self._model, prompt=self._prompt, labels=self._labels,
-            first=self._sent == 0, text_delta=text_delta, activations=activations or {}, final=final,
+            request_id=self.request_id,
+            model=self._model,
+            prompt=self._prompt,
+            labels=self._labels,
+            first=self._sent == 0,
+            text_delta=text_delta,
+            activations=activations or {},
+            final=final,
         )
         self._sent += 1
         try:

@@ -1,10 +1,10 @@
 """The client's exceptions; gRPC status codes map onto them in one function.
 
-    ClientError
-     ├── InvalidRequest   INVALID_ARGUMENT: the message names the field, expected and received
-     ├── Unauthenticated  UNAUTHENTICATED: missing or wrong token
-     ├── ServerBusy       RESOURCE_EXHAUSTED: the sidecar shed the request; retry later
-     └── Unavailable      UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED: sidecar down or slow
+ClientError
+ ├── InvalidRequest   INVALID_ARGUMENT: the message names the field, expected and received
+ ├── Unauthenticated  UNAUTHENTICATED: missing or wrong token
+ ├── ServerBusy       RESOURCE_EXHAUSTED: the sidecar shed the request; retry later
+ └── Unavailable      UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED: sidecar down or slow
 """
 
 from __future__ import annotations
@@ -45,8 +45,14 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.CANCELLED: Unavailable,
 }
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 def map_rpc_error(exc: grpc.RpcError) -> ClientError:

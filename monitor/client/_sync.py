@@ -81,9 +81,7 @@ class MonitorClient:
     def score(self, generation: Generation, *, timeout: float | None = None) -> ScoreReply:
         """Score one finished generation and return the sidecar's verdict."""
         try:
-            resp = self._stub.Score(
-                _wire.request(generation), timeout=timeout or self.timeout, metadata=self._metadata
-            )
+            resp = self._stub.Score(_wire.request(generation), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc) from None
         return _wire.score_reply(resp)
@@ -256,9 +254,7 @@ class MonitorClient:
 class ScoreStream:
     """One running generation on a ScoreStream call (blocking)."""
 
-    def __init__(
-        self, client: MonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]
-    ) -> None:
+    def __init__(self, client: MonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
         self.request_id = request_id
         self._model = model
         self._prompt = prompt
@@ -266,9 +262,7 @@ class ScoreStream:
         self._chunks: queue.Queue[Any] = queue.Queue()
         self._sent = 0
         self._closed = False
-        self._responses: Iterator[pb.Verdict] = client._stub.ScoreStream(
-            self._requests(), metadata=client._metadata
-        )
+        self._responses: Iterator[pb.Verdict] = client._stub.ScoreStream(self._requests(), metadata=client._metadata)
 
     def _requests(self) -> Iterator[pb.ScoreChunk]:
         while True:
@@ -284,8 +278,14 @@ class ScoreStream:
         if self._closed:
             raise ClientError("stream: already closed", "FAILED_PRECONDITION")
         msg = _wire.chunk(
-            request_id=self.request_id, model=self._model, prompt=self._prompt, labels=self._labels,
-            first=self._sent == 0, text_delta=text_delta, activations=activations or {}, final=final,
+            request_id=self.request_id,
+            model=self._model,
+            prompt=self._prompt,
+            labels=self._labels,
+            first=self._sent == 0,
+            text_delta=text_delta,
+            activations=activations or {},
+            final=final,
         )
         self._chunks.put(msg)
         self._sent += 1

@@ -57,9 +57,7 @@ def _detectors(items: Iterable[pb.DetectorScore]) -> tuple[DetectorVerdict, ...]
             threshold=d.threshold,
             fired=d.fired,
             severity=pb.Severity.Name(d.severity).removeprefix("SEVERITY_").lower(),
-            top_features=tuple(
-                FeatureInfo(f.latent, f.activation, f.contribution, f.label) for f in d.top_features
-            ),
+            top_features=tuple(FeatureInfo(f.latent, f.activation, f.contribution, f.label) for f in d.top_features),
         )
         for d in items
     )
@@ -121,9 +119,7 @@ def chunk(
     activations: Mapping[str, Any],
     final: bool,
 ) -> pb.ScoreChunk:
-    msg = pb.ScoreChunk(
-        request_id=request_id, text_delta=text_delta, activations=blocks(activations), final=final
-    )
+    msg = pb.ScoreChunk(request_id=request_id, text_delta=text_delta, activations=blocks(activations), final=final)
     if first:
         msg.model = model
         msg.prompt = prompt

@@ -4,6 +4,6 @@
 behind ``monitor serve`` (SIGTERM drains in-flight RPCs, then exits 0).
 """
 
-from monitor.server._lifecycle import SERVICE_NAME, SidecarServer, serve
+from monitor.server._lifecycle import SERVICE_NAME, BackgroundSidecar, SidecarServer, serve
 
-__all__ = ["SERVICE_NAME", "SidecarServer", "serve"]
+__all__ = ["SERVICE_NAME", "BackgroundSidecar", "SidecarServer", "serve"]

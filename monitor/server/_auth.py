@@ -30,11 +30,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(sent).encode(), self._expected):
             return handler
-        rpc = method[len(SERVICE_PREFIX):]
+        rpc = method[len(SERVICE_PREFIX) :]
         if self._on_reject is not None:
             self._on_reject(rpc)
-        return _rejecting_handler(handler, "authorization: expected 'Bearer <token>' metadata, got "
-                                  + ("a wrong token" if sent else "none"))
+        return _rejecting_handler(
+            handler, "authorization: expected 'Bearer <token>' metadata, got " + ("a wrong token" if sent else "none")
+        )
 
 
 def _rejecting_handler(like: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

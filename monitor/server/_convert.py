@@ -56,9 +56,7 @@ def chunk_input(chunk: pb.ScoreChunk) -> ChunkInput:
 
 def _hook_stats(stats: Iterable[HookStats]) -> list[pb.HookStats]:
     return [
-        pb.HookStats(
-            hook_point=s.hook_point, tokens=s.tokens, mean_l2_norm=s.mean_l2_norm, max_l2_norm=s.max_l2_norm
-        )
+        pb.HookStats(hook_point=s.hook_point, tokens=s.tokens, mean_l2_norm=s.mean_l2_norm, max_l2_norm=s.max_l2_norm)
         for s in stats
     ]
 
@@ -93,9 +91,7 @@ def catalog(bundle: Bundle, limits: Limits) -> pb.DetectorCatalog:
         bundle_name=bundle.name,
         bundle_version=bundle.version,
         hook_points=[
-            pb.HookPointSpec(
-                name=hp.name, d_model=hp.d_model, max_tokens=limits.max_tokens, accepted_dtypes=dtypes
-            )
+            pb.HookPointSpec(name=hp.name, d_model=hp.d_model, max_tokens=limits.max_tokens, accepted_dtypes=dtypes)
             for hp in bundle.hook_points
         ],
     )

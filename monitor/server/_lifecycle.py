@@ -81,8 +81,13 @@ class SidecarServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s:%d (metrics on http://%s:%d/metrics), bundle %s for %s",
-            SERVICE_NAME, cfg.host, self.port, cfg.metrics_host, self.metrics_port,
-            self.bundle.name, self.bundle.model,
+            SERVICE_NAME,
+            cfg.host,
+            self.port,
+            cfg.metrics_host,
+            self.metrics_port,
+            self.bundle.name,
+            self.bundle.model,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -119,3 +124,36 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> int
     await sidecar.stop()
     log.info("stopped")
     return 0
+
+
+class BackgroundSidecar:
+    """A ``SidecarServer`` on its own event-loop thread, for sync code (demo, tests, embedding)."""
+
+    def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.server = SidecarServer(config, bundle)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sidecar-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.call(self.server.start())
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    @property
+    def target(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
+        return f"{self.server.config.host}:{self.server.port}"
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the sidecar's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Drain (up to ``grace`` s) and stop the loop thread; safe to call twice."""
+        if self._thread.is_alive():
+            self.call(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

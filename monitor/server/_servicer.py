@@ -34,9 +34,7 @@ MAX_INGEST_ERRORS = 20
 class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
     """Serves one pipeline; shared state is the in-flight count and the metrics."""
 
-    def __init__(
-        self, pipeline: Pipeline, metrics: MonitorMetrics, executor: Executor, max_in_flight: int
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, metrics: MonitorMetrics, executor: Executor, max_in_flight: int) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._executor = executor
@@ -118,8 +116,7 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
             self._metrics.record_rpc(rpc, "RESOURCE_EXHAUSTED", time.perf_counter() - start)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {self._active} RPCs in flight (max_in_flight={self._max_in_flight}); "
-                "retry with backoff",
+                f"server busy: {self._active} RPCs in flight (max_in_flight={self._max_in_flight}); retry with backoff",
             )
         self._active += 1
         gauge = self._metrics.in_flight.labels(rpc)
