@@ -31,6 +31,26 @@ def _serve(ns: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _collect(ns: argparse.Namespace) -> int:
+    from monitor.models import DEFAULT_MODEL_ID, load_default_model
+    from monitor.sae._collect import CollectConfig, collect
+
+    cfg = CollectConfig(
+        hook_points=tuple(ns.hook_point),
+        max_tokens=ns.tokens,
+        context_size=ns.context_size,
+        batch_size=ns.batch_size,
+        shard_tokens=ns.shard_tokens,
+        dtype=ns.dtype,
+        corpus=ns.corpus,
+        model_id=DEFAULT_MODEL_ID,
+    )
+    model, tokenizer = load_default_model()
+    collect(model, tokenizer, cfg, ns.out)
+    print(f"activations in {ns.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Safety-monitoring sidecar for LLM servers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -49,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
+
+    from monitor.sae._collect import DEFAULT_CORPUS
+
+    p = sub.add_parser(
+        "collect",
+        help="collect residual-stream activations of the default model over a chat corpus",
+        description="Run SmolLM2-135M-Instruct over chat conversations and store the residual stream at the "
+        "given hook points in resumable shards (re-run the same command to resume).",
+    )
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a partial run)")
+    p.add_argument("--hook-point", action="append", required=True, help="e.g. blocks.16.hook_resid_post (repeatable)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="positions to collect (default 1M)")
+    p.add_argument("--context-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-tokens", type=int, default=131_072)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="JSONL(.gz) of {messages: [...]}")
+    p.set_defaults(func=_collect)
 
     from monitor import demo
 
