@@ -51,6 +51,31 @@ def _collect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_sae(ns: argparse.Namespace) -> int:
+    from monitor.sae._pipeline import SAEBuildConfig, build_sae
+
+    cfg = SAEBuildConfig(
+        activations=ns.activations,
+        out=ns.out,
+        hook_point=ns.hook_point,
+        d_sae=ns.d_sae,
+        architecture=ns.architecture,
+        k=ns.k,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        lr=ns.lr,
+        l1_coefficient=ns.l1_coefficient,
+        target_l0=ns.target_l0,
+        eval_tokens=ns.eval_tokens,
+        lm_eval_conversations=ns.lm_eval_conversations,
+        dtype=ns.dtype,
+        seed=ns.seed,
+    )
+    card = build_sae(cfg)
+    print(card)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Safety-monitoring sidecar for LLM servers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -87,6 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="JSONL(.gz) of {messages: [...]}")
     p.set_defaults(func=_collect)
+
+    p = sub.add_parser(
+        "train-sae",
+        help="train an SAE on collected activations, analyse its features, evaluate it, write a card",
+        description="Train (Adam + L1, unit-norm decoder, grad clip 1.0, warm-up, dead-latent resampling), then "
+        "measure FVE / L0 / dead fraction on held-out tokens, the spliced LM-loss increase, and feature reports.",
+    )
+    p.add_argument("--activations", required=True, help="folder written by `monitor collect`")
+    p.add_argument("--out", required=True, help="output folder for the SAE (native format)")
+    p.add_argument("--hook-point", default="blocks.16.hook_resid_post")
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--architecture", default="relu", choices=["relu", "jumprelu", "topk"])
+    p.add_argument("--k", type=int, help="latents per token (topk)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--l1-coefficient", type=float, default=5.0)
+    p.add_argument("--target-l0", type=float, help="steer the L1 weight toward this mean L0 early in training")
+    p.add_argument("--eval-tokens", type=int, default=200_000, help="last N collected tokens held out")
+    p.add_argument("--lm-eval-conversations", type=int, default=64, help="held-out conversations for the LM loss")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_sae)
 
     from monitor import demo
 

@@ -33,13 +33,21 @@ def build(shared: Path) -> list[dict[str, object]]:
         for line in (shared / "chat_corpus/gsm8k" / name).read_text().splitlines():
             g = json.loads(line)
             answer = re.sub(r"<<[^>]*>>", "", g["answer"]).replace("####", "The answer is")
-            rows.append({"source": "gsm8k", "messages": [{"role": "user", "content": g["question"]},
-                                                         {"role": "assistant", "content": answer}]})
+            rows.append(
+                {
+                    "source": "gsm8k",
+                    "messages": [{"role": "user", "content": g["question"]}, {"role": "assistant", "content": answer}],
+                }
+            )
     for name in ("roleplay-simple-deduped-roleplay-instruct.json", "codegen-instruct.json"):
         for g in json.loads((shared / "chat_corpus/gpteacher" / name).read_text()):
             prompt = g["instruction"] + (f"\n\n{g['input']}" if g.get("input") else "")
-            rows.append({"source": "gpteacher", "messages": [{"role": "user", "content": prompt},
-                                                             {"role": "assistant", "content": g["response"]}]})
+            rows.append(
+                {
+                    "source": "gpteacher",
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": g["response"]}],
+                }
+            )
     for line in (shared / "chat_corpus/hh_rlhf_harmless_test/harmless-base_test.jsonl").read_text().splitlines():
         turns = _hh_turns(json.loads(line)["chosen"])
         if turns and turns[0]["role"] == "user" and turns[-1]["role"] == "assistant":

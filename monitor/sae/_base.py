@@ -46,7 +46,9 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise SAEError(f"architecture: {type(self).__name__} expects {self.architecture!r}, got {cfg.architecture!r}")
+            raise SAEError(
+                f"architecture: {type(self).__name__} expects {self.architecture!r}, got {cfg.architecture!r}"
+            )
         self.cfg = cfg
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))

@@ -9,6 +9,7 @@ and a manifest records progress, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -152,20 +153,30 @@ def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, 
     buf: dict[str, list[torch.Tensor]] = {hp: [] for hp in cfg.hook_points}
     meta: dict[str, list[torch.Tensor]] = {"token_ids": [], "doc_ids": [], "positions": []}
     buffered = 0
-    bar = tqdm(total=cfg.max_tokens, initial=m.tokens, unit="tok", unit_scale=True, disable=not progress,
-               desc="collect", smoothing=0.05)
+    bar = tqdm(
+        total=cfg.max_tokens,
+        initial=m.tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc="collect",
+        smoothing=0.05,
+    )
     start = time.perf_counter()
     try:
         for i, batch in _batches(convs, m.next_conversation, cfg.batch_size):
             texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                            max_length=cfg.context_size, add_special_tokens=False)
+            enc = tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=cfg.context_size,
+                add_special_tokens=False,
+            )
             captured.clear()
-            with torch.no_grad():
-                try:
-                    model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                except _StopForward:
-                    pass
+            with torch.no_grad(), contextlib.suppress(_StopForward):
+                model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
             keep = keep_mask(enc["input_ids"], enc["attention_mask"], special, prefix)
             for hp in cfg.hook_points:
                 buf[hp].append(captured[hp][keep].to(store))
@@ -219,7 +230,9 @@ class ActivationStore:
         self.folder = Path(folder)
         mpath = self.folder / MANIFEST
         if not mpath.is_file():
-            raise SAEError(f"activations: expected a folder made by `monitor collect` with {MANIFEST}, got {self.folder}")
+            raise SAEError(
+                f"activations: expected a folder made by `monitor collect` with {MANIFEST}, got {self.folder}"
+            )
         self.manifest = _Manifest(**json.loads(mpath.read_text()))
         self.hook_points: list[str] = list(self.manifest.config["hook_points"])
 

@@ -91,13 +91,16 @@ def from_saelens(folder: str | Path, *, norm_scaling_factor: float | None = None
     if raw.get("activation_fn_str") == "topk" or raw.get("activation_fn") == "topk":
         arch_key = "topk"
     if arch_key not in _SAELENS_ARCH:
-        raise SAEError(f"{folder / SAELENS_CFG}: architecture: expected one of {sorted(_SAELENS_ARCH)}, got {arch_key!r}")
+        raise SAEError(
+            f"{folder / SAELENS_CFG}: architecture: expected one of {sorted(_SAELENS_ARCH)}, got {arch_key!r}"
+        )
     arch = _SAELENS_ARCH[arch_key]
     k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k")
     norm = raw.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):
         raise SAEError(
-            f"{folder / SAELENS_CFG}: normalize_activations: expected 'none' or 'expected_average_only_in', got {norm!r}"
+            f"{folder / SAELENS_CFG}: normalize_activations: expected 'none' or "
+            f"'expected_average_only_in', got {norm!r}"
         )
     factor = norm_scaling_factor if norm_scaling_factor is not None else raw.get("norm_scaling_factor")
     if norm == "expected_average_only_in" and factor is None:
@@ -130,8 +133,13 @@ def save_saelens(sae: SAE, folder: str | Path) -> Path:
     c = sae.cfg
     arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[c.architecture]
     raw: dict[str, Any] = {
-        "architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "hook_name": c.hook_point,
-        "model_name": c.model_id, "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "architecture": arch,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": c.dtype,
+        "hook_name": c.hook_point,
+        "model_name": c.model_id,
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
         "normalize_activations": c.normalize_activations,
     }
     if c.norm_scaling_factor is not None:
@@ -153,6 +161,12 @@ def from_gemma_scope(npz: str | Path, *, hook_point: str = "", model_id: str = "
             raise SAEError(f"{npz}: expected arrays W_enc, W_dec, b_enc, b_dec, threshold; missing {sorted(missing)}")
         state = {k: torch.from_numpy(np.asarray(f[k], dtype=np.float32)) for k in f.files}
     d_in, d_sae = state["W_enc"].shape
-    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_point=hook_point,
-                    model_id=model_id, apply_b_dec_to_input=False)
+    cfg = SAEConfig(
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        architecture="jumprelu",
+        hook_point=hook_point,
+        model_id=model_id,
+        apply_b_dec_to_input=False,
+    )
     return SAE.from_state(cfg, state)

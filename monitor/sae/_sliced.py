@@ -1,10 +1,11 @@
 """Encode only the latents the detectors read, so scoring cost does not grow with d_sae.
 
 ReLU and JumpReLU latents are independent of one another: column j of ``W_enc`` (with
-``b_enc[j]``, ``b_dec`` and ``threshold[j]``) is all latent j needs, and the sliced result equals
-the full encode on those ids (to float rounding: b_dec is folded into the bias). TopK latents compete (whether j survives depends on every other
-pre-activation), so a TopK slice runs the full encode and then selects: its cost is the full
-``d_in x d_sae`` matmul. ``full_encode_required`` says which case applies.
+``b_enc[j]``, ``b_dec`` and ``threshold[j]``) is all latent j needs, and the sliced
+result equals the full encode on those ids (to float rounding: b_dec is folded into the
+bias). TopK latents compete (whether j survives depends on every other pre-activation), so a
+TopK slice runs the full encode and then selects: its cost is the full ``d_in x d_sae``
+matmul. ``full_encode_required`` says which case applies.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class SlicedEncoder(torch.nn.Module):
     True
     """
 
+    W: torch.Tensor
+    b: torch.Tensor
+    threshold: torch.Tensor
+    idx: torch.Tensor
+
     def __init__(self, sae: SAE, latent_ids: Sequence[int]) -> None:
         super().__init__()
         ids = [int(i) for i in latent_ids]
@@ -51,7 +57,7 @@ class SlicedEncoder(torch.nn.Module):
         w = sae.W_enc.detach()[:, idx] * scale
         self.register_buffer("W", w.contiguous())
         self.register_buffer("b", (sae.b_enc.detach()[idx] - b_dec @ sae.W_enc.detach()[:, idx]).contiguous())
-        thr = sae.threshold.detach()[idx] if self.architecture == "jumprelu" else torch.zeros(len(ids))
+        thr = sae.state()["threshold"][idx] if self.architecture == "jumprelu" else torch.zeros(len(ids))
         self.register_buffer("threshold", thr.contiguous())
         self.register_buffer("idx", idx)
 
@@ -81,8 +87,14 @@ class SlicedEncoder(torch.nn.Module):
         path = Path(path)
         example = torch.zeros(2, self.W.shape[0])
         torch.onnx.export(
-            self, (example,), str(path), input_names=["x"], output_names=["latents"],
-            dynamic_axes={"x": {0: "tokens"}, "latents": {0: "tokens"}}, opset_version=17, dynamo=False,
+            self,
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=["latents"],
+            dynamic_axes={"x": {0: "tokens"}, "latents": {0: "tokens"}},
+            opset_version=17,
+            dynamo=False,
         )
         return path
 

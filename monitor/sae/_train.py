@@ -151,8 +151,9 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     s = scaling_factor(acts)
     n, d_in = acts.shape
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, k=cfg.k,
-                        hook_point=hook_point, model_id=model_id)
+    sae_cfg = SAEConfig(
+        d_in=d_in, d_sae=cfg.d_sae, architecture=cfg.architecture, k=cfg.k, hook_point=hook_point, model_id=model_id
+    )
     sae = _init_sae(sae_cfg, acts[:50_000].float() * s, gen)
     sae.train().requires_grad_(True)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -209,8 +210,12 @@ def train_sae(
             with torch.no_grad():
                 var = (x - x.mean(0)).pow(2).sum(-1).mean()
                 row = {
-                    "step": float(step), "mse": float(mse), "fve": float(1 - mse / var), "l0": l0,
-                    "l1": l1, "lr": lr_at(step),
+                    "step": float(step),
+                    "mse": float(mse),
+                    "fve": float(1 - mse / var),
+                    "l0": l0,
+                    "l1": l1,
+                    "lr": lr_at(step),
                     "dead": float(((tokens - last_fired) >= min(cfg.dead_after_tokens, tokens)).float().mean()),
                 }
             history.append(row)
@@ -227,15 +232,21 @@ def train_sae(
     sae.fold_input_scale()
     figures = measure(sae, eval_acts if eval_acts is not None else acts[:200_000])
     report = TrainReport(
-        steps=cfg.steps, tokens_seen=tokens, seconds=time.perf_counter() - start, l1_coefficient=l1,
-        norm_scaling_factor=s, history=history, **figures,
+        steps=cfg.steps,
+        tokens_seen=tokens,
+        seconds=time.perf_counter() - start,
+        l1_coefficient=l1,
+        norm_scaling_factor=s,
+        history=history,
+        **figures,
     )
     return sae, report
 
 
 @torch.no_grad()
-def _resample(sae: SAE, opt: torch.optim.Optimizer, dead: torch.Tensor, acts: torch.Tensor, s: float,
-              gen: torch.Generator) -> None:
+def _resample(
+    sae: SAE, opt: torch.optim.Optimizer, dead: torch.Tensor, acts: torch.Tensor, s: float, gen: torch.Generator
+) -> None:
     """Point dead latents at inputs the SAE reconstructs worst (probability ~ squared error)."""
     idx = torch.randint(0, acts.shape[0], (min(acts.shape[0], 65_536),), generator=gen)
     x = acts[idx].float() * s

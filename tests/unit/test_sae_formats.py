@@ -28,8 +28,9 @@ def weights(arch: str) -> dict[str, np.ndarray]:
     return w
 
 
-def reference_encode(w: dict[str, np.ndarray], x: np.ndarray, arch: str, *, apply_b_dec: bool = True,
-                     scale: float = 1.0, k: int = 4) -> np.ndarray:
+def reference_encode(
+    w: dict[str, np.ndarray], x: np.ndarray, arch: str, *, apply_b_dec: bool = True, scale: float = 1.0, k: int = 4
+) -> np.ndarray:
     """Written from the papers' definitions, independently of monitor.sae."""
     xin = x * scale - (w["b_dec"] if apply_b_dec else 0.0)
     pre = xin @ w["W_enc"] + w["b_enc"]
@@ -91,9 +92,17 @@ def test_saelens_log_threshold_and_expected_average_scaling(tmp_path: Path) -> N
     folder = tmp_path / "sl"
     folder.mkdir()
     np_save_file(state, str(folder / "sae_weights.safetensors"))
-    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",
-           "hook_name": "blocks.5.hook_resid_post", "model_name": "gpt2", "apply_b_dec_to_input": True,
-           "normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.25}
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "hook_name": "blocks.5.hook_resid_post",
+        "model_name": "gpt2",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "expected_average_only_in",
+        "norm_scaling_factor": 0.25,
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     sae = load(folder)
     assert sae.cfg.normalize_activations == "none"  # the factor was folded into the weights
@@ -120,14 +129,14 @@ def test_gemma_scope_npz_and_cross_format_equality(tmp_path: Path) -> None:
 
 
 def test_bad_files_name_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(SAEError, match="expected a folder with sae.json"):
+    with pytest.raises(SAEError, match=r"expected a folder with sae\.json"):
         load(tmp_path)
     np.savez(tmp_path / "p.npz", W_enc=np.zeros((2, 3)))
     with pytest.raises(SAEError, match=r"missing \['W_dec', 'b_dec', 'b_enc', 'threshold'\]"):
         load(tmp_path / "p.npz")
     with pytest.raises(SAEError, match=r"weights\['W_enc'\]: expected shape \[16, 64\], got \[16, 63\]"):
         SAE.from_state(SAEConfig(D_IN, D_SAE), {"W_enc": torch.zeros(16, 63)})
-    with pytest.raises(SAEError, match="architecture: expected one of relu, jumprelu, topk, got 'gated'"):
+    with pytest.raises(SAEError, match=r"architecture: expected one of relu, jumprelu, topk, got 'gated'"):
         SAEConfig(4, 8, architecture="gated")
 
 

@@ -20,8 +20,18 @@ def synthetic(n: int, d: int, n_feat: int, per_sample: float, seed: int) -> tupl
 
 def test_trainer_recovers_ground_truth_features() -> None:
     x, truth = synthetic(40_000, 32, 48, per_sample=3, seed=0)
-    cfg = TrainConfig(d_sae=96, l1_coefficient=1.0, lr=3e-3, lr_warmup_steps=20, l1_warmup_steps=50,
-                      batch_size=512, steps=1200, resample_at=(300, 600), dead_after_tokens=20_000, seed=0)
+    cfg = TrainConfig(
+        d_sae=96,
+        l1_coefficient=1.0,
+        lr=3e-3,
+        lr_warmup_steps=20,
+        l1_warmup_steps=50,
+        batch_size=512,
+        steps=1200,
+        resample_at=(300, 600),
+        dead_after_tokens=20_000,
+        seed=0,
+    )
     sae, report = train_sae(x, cfg, progress=False)
     dec = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     best = (truth @ dec.T).max(dim=1).values
@@ -32,5 +42,6 @@ def test_trainer_recovers_ground_truth_features() -> None:
     assert sae.cfg.normalize_activations == "none"
     assert abs(measure(sae, x[:5000])["fve"] - report.fve) < 0.05
     ids = best.argsort()[-5:].tolist()
-    torch.testing.assert_close(SlicedEncoder(sae, ids).encode(x[:100]), sae.encode(x[:100])[:, ids], atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        SlicedEncoder(sae, ids).encode(x[:100]), sae.encode(x[:100])[:, ids], atol=1e-5, rtol=1e-5
+    )
