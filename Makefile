@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 
-.PHONY: install demo test test-unit lint proto proto-check bench clean
+.PHONY: install demo test test-unit lint proto proto-check bench bundle clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -37,6 +37,15 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) bench/grpc_score.py
+	$(PYTHON) bench/sae_encode.py
+
+# Rebuild the default SAE from scratch (about 1 h on 2 CPU cores; see monitor/assets/default/sae/CARD.md).
+SAE_ACTS ?= runs/acts-l16
+bundle: $(STAMP)
+	$(PYTHON) -m monitor collect --out $(SAE_ACTS) --hook-point blocks.16.hook_resid_post --tokens 1200000
+	$(PYTHON) -m monitor train-sae --activations $(SAE_ACTS) --out monitor/assets/default/sae \
+		--hook-point blocks.16.hook_resid_post --d-sae 4608 --steps 3000 --batch-size 2048 --lr 1e-3 \
+		--l1-coefficient 2.0 --target-l0 45 --eval-tokens 200000 --lm-eval-conversations 64
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,7 @@ class Bundle:
     model: str
     hook_points: tuple[HookPoint, ...]
     model_aliases: tuple[str, ...] = ()
+    sae_path: Path | None = None
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -84,6 +85,7 @@ class Bundle:
                 model=str(raw["model"]),
                 model_aliases=tuple(str(a) for a in raw.get("model_aliases", [])),
                 hook_points=hooks,
+                sae_path=folder / str(raw["sae"]["path"]) if raw.get("sae") else None,
                 path=folder,
                 raw=raw,
             )
@@ -91,7 +93,17 @@ class Bundle:
             raise BundleError(f"{manifest}: missing or malformed key: {exc}") from exc
         if not hooks:
             raise BundleError(f"{manifest}: hook_points: expected at least one, got none")
+        if bundle.sae_path is not None and not bundle.sae_path.exists():
+            raise BundleError(f"{manifest}: sae.path: expected an SAE folder at {bundle.sae_path}, found nothing")
         return bundle
+
+    def load_sae(self) -> Any:
+        """The bundle's SAE (``monitor.sae.SAE``), or None when the bundle has none."""
+        if self.sae_path is None:
+            return None
+        from monitor.sae import load
+
+        return load(self.sae_path)
 
 
 def default_bundle_path() -> Path:

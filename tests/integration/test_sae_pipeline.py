@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from monitor.models import load_default_model
-from monitor.sae import load, save
 from monitor.sae import _collect as collect_mod
+from monitor.sae import load, save
 from monitor.sae._analysis import analyze_features, load_reports, save_reports
 from monitor.sae._collect import ActivationStore, CollectConfig, collect, load_conversations
 from monitor.sae._evaluate import spliced_lm_loss
