@@ -1,0 +1,89 @@
+"""Labeled activations: conversations run teacher-forced through the model, response tokens kept.
+
+A row is rendered with the model's chat template as (user: prompt, assistant: response). The
+activations kept for it are the hook point's rows from the last token before the response (the
+position that "decides" how to answer) through the last response token, so detectors can pool
+over the response and also read the decision position.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from monitor.client._hooks import layer_of
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "detectors"
+
+
+@dataclass(frozen=True)
+class LabeledRow:
+    """One labeled conversation; ``group`` ties together the rows of one prompt."""
+
+    behaviour: str
+    source: str
+    group: str
+    prompt: str
+    response: str
+    label: int
+
+
+def load_rows(behaviour: str, data: Path = DATA) -> list[LabeledRow]:
+    """Rows of ``data/detectors/<behaviour>.jsonl``."""
+    path = data / f"{behaviour}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"labeled data: expected {path} (see data/detectors/SOURCE.md to rebuild it)")
+    keys = LabeledRow.__dataclass_fields__
+    return [LabeledRow(**{k: v for k, v in json.loads(x).items() if k in keys}) for x in path.read_text().splitlines()]
+
+
+@torch.no_grad()
+def response_activations(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[LabeledRow],
+    hook_point: str,
+    *,
+    max_response_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Per row, ``[1 + response_tokens, d_model]`` float32: decision position, then response tokens."""
+    layer = model.model.layers[layer_of(hook_point)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: Any, inputs: Any, output: Any) -> None:
+        captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = layer.register_forward_hook(hook)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    out: list[torch.Tensor] = []
+    try:
+        for i in tqdm(range(0, len(rows), batch_size), desc="activations", disable=not progress):
+            batch = rows[i : i + batch_size]
+            spans = []
+            texts = []
+            for r in batch:
+                user = [{"role": "user", "content": r.prompt}]
+                prefix = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+                resp_ids = tokenizer(r.response, add_special_tokens=False)["input_ids"][:max_response_tokens]
+                n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+                texts.append(prefix + tokenizer.decode(resp_ids))
+                spans.append((n_prefix - 1, n_prefix + len(resp_ids)))
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            h = captured["h"]
+            for j, (a, b) in enumerate(spans):
+                b = min(b, int(enc["attention_mask"][j].sum()))
+                out.append(h[j, a:b].float().clone())
+    finally:
+        handle.remove()
+        tokenizer.padding_side = old_side
+    return out
