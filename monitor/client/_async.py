@@ -15,13 +15,13 @@ from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.client import _wire
 from monitor.client._errors import RETRYABLE, ClientError, map_rpc_error
-from monitor.client._sync import _Counters
+from monitor.client._sync import _Counters, _DeliveryCounts
 from monitor.client._types import Catalog, ChunkVerdict, Generation, IngestReport, ScoreReply
 
 log = logging.getLogger("monitor.client")
 
 
-class AsyncMonitorClient:
+class AsyncMonitorClient(_DeliveryCounts):
     """Talks to one sidecar from asyncio code; ``submit()`` is synchronous and never waits."""
 
     def __init__(
@@ -102,26 +102,6 @@ class AsyncMonitorClient:
             return False
         self._counters.add(submitted=1)
         return True
-
-    @property
-    def submitted(self) -> int:
-        return self._counters.submitted
-
-    @property
-    def delivered(self) -> int:
-        return self._counters.delivered
-
-    @property
-    def rejected(self) -> int:
-        return self._counters.rejected
-
-    @property
-    def dropped(self) -> int:
-        return self._counters.dropped
-
-    @property
-    def send_failures(self) -> int:
-        return self._counters.send_failures
 
     @property
     def pending(self) -> int:

@@ -40,7 +40,39 @@ class _Counters:
                 setattr(self, name, getattr(self, name) + n)
 
 
-class MonitorClient:
+class _DeliveryCounts:
+    """Read-only delivery counters shared by the sync and async clients."""
+
+    _counters: _Counters
+
+    @property
+    def submitted(self) -> int:
+        """Generations accepted into the queue."""
+        return self._counters.submitted
+
+    @property
+    def delivered(self) -> int:
+        """Generations the sidecar acknowledged as scored."""
+        return self._counters.delivered
+
+    @property
+    def rejected(self) -> int:
+        """Generations the sidecar refused as invalid (they are not retried)."""
+        return self._counters.rejected
+
+    @property
+    def dropped(self) -> int:
+        """Generations dropped: queue full, client closing, or a non-retryable send error."""
+        return self._counters.dropped
+
+    @property
+    def send_failures(self) -> int:
+        """Failed delivery attempts (each followed by a backoff and a retry)."""
+        return self._counters.send_failures
+
+
+
+class MonitorClient(_DeliveryCounts):
     """Talks to one sidecar.
 
     ``score``/``ingest``/``get_detectors``/``stream`` are blocking calls that raise
@@ -125,31 +157,6 @@ class MonitorClient:
             return False
         self._counters.add(submitted=1)
         return True
-
-    @property
-    def submitted(self) -> int:
-        """Generations accepted into the queue."""
-        return self._counters.submitted
-
-    @property
-    def delivered(self) -> int:
-        """Generations the sidecar acknowledged as scored."""
-        return self._counters.delivered
-
-    @property
-    def rejected(self) -> int:
-        """Generations the sidecar refused as invalid (they are not retried)."""
-        return self._counters.rejected
-
-    @property
-    def dropped(self) -> int:
-        """Generations dropped: queue full, client closing, or a non-retryable send error."""
-        return self._counters.dropped
-
-    @property
-    def send_failures(self) -> int:
-        """Failed delivery attempts (each followed by a backoff and a retry)."""
-        return self._counters.send_failures
 
     @property
     def pending(self) -> int:
