@@ -71,7 +71,6 @@ class _DeliveryCounts:
         return self._counters.send_failures
 
 
-
 class MonitorClient(_DeliveryCounts):
     """Talks to one sidecar.
 

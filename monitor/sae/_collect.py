@@ -96,6 +96,14 @@ def _system_prefix_tokens(tokenizer: Any) -> int:
     return ids.index(end) + 2 if end in ids else 0  # through <|im_end|> and the newline after it
 
 
+def encode_conversations(tokenizer: Any, conversations: list[dict[str, Any]], context_size: int) -> Any:
+    """Chat-template-rendered, right-padded, truncated token batch (``input_ids``, ``attention_mask``)."""
+    texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in conversations]
+    return tokenizer(
+        texts, return_tensors="pt", padding=True, truncation=True, max_length=context_size, add_special_tokens=False
+    )
+
+
 def keep_mask(input_ids: torch.Tensor, attention: torch.Tensor, special: set[int], prefix: int) -> torch.Tensor:
     """Positions worth an SAE's attention: real, non-special, past the injected system prompt."""
     keep = attention.bool().clone()
@@ -165,15 +173,7 @@ def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, 
     start = time.perf_counter()
     try:
         for i, batch in _batches(convs, m.next_conversation, cfg.batch_size):
-            texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in batch]
-            enc = tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=cfg.context_size,
-                add_special_tokens=False,
-            )
+            enc = encode_conversations(tokenizer, batch, cfg.context_size)
             captured.clear()
             with torch.no_grad(), contextlib.suppress(_StopForward):
                 model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)

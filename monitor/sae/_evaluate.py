@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from monitor.client._hooks import layer_of
 from monitor.sae._base import SAE
-from monitor.sae._collect import _system_prefix_tokens, keep_mask
+from monitor.sae._collect import _system_prefix_tokens, encode_conversations, keep_mask
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,7 @@ def spliced_lm_loss(
     try:
         for i in tqdm(range(0, len(conversations), batch_size), desc="lm-loss", disable=not progress):
             batch = conversations[i : i + batch_size]
-            texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in batch]
-            enc = tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=context_size,
-                add_special_tokens=False,
-            )
+            enc = encode_conversations(tokenizer, batch, context_size)
             ids, att = enc["input_ids"], enc["attention_mask"]
             mode["mask"] = keep_mask(ids, att, special, prefix)
             targets = ids[:, 1:].clone()
