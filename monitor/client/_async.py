@@ -14,8 +14,8 @@ import grpc
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.client import _wire
-from monitor.client._errors import RETRYABLE, ClientError, map_rpc_error
-from monitor.client._sync import _Counters, _DeliveryCounts
+from monitor.client._errors import RETRYABLE, map_rpc_error
+from monitor.client._sync import _Counters, _DeliveryCounts, _StreamChunks
 from monitor.client._types import Catalog, ChunkVerdict, Generation, IngestReport, ScoreReply
 
 log = logging.getLogger("monitor.client")
@@ -181,37 +181,20 @@ class _Status(grpc.RpcError):
         return self._details
 
 
-class AsyncScoreStream:
+class AsyncScoreStream(_StreamChunks):
     """One running generation on a ScoreStream call (asyncio)."""
 
     def __init__(
         self, client: AsyncMonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]
     ) -> None:
-        self.request_id = request_id
-        self._model = model
-        self._prompt = prompt
-        self._labels = labels
-        self._sent = 0
-        self._closed = False
+        super().__init__(request_id, model, prompt, labels)
         self._call: Any = client._stub.ScoreStream(metadata=client._metadata)
 
     async def send(
         self, activations: Mapping[str, Any] | None = None, text_delta: str = "", *, final: bool = False
     ) -> ChunkVerdict:
         """Send the new tokens' activations (hook point -> [new_tokens, d_model]); get the verdict."""
-        if self._closed:
-            raise ClientError("stream: already closed", "FAILED_PRECONDITION")
-        msg = _wire.chunk(
-            request_id=self.request_id,
-            model=self._model,
-            prompt=self._prompt,
-            labels=self._labels,
-            first=self._sent == 0,
-            text_delta=text_delta,
-            activations=activations or {},
-            final=final,
-        )
-        self._sent += 1
+        msg = self._next_chunk(activations, text_delta, final)
         try:
             await self._call.write(msg)
             resp = await self._call.read()

@@ -257,17 +257,43 @@ class MonitorClient(_DeliveryCounts):
             self._settle(len(batch))
 
 
-class ScoreStream:
-    """One running generation on a ScoreStream call (blocking)."""
+class _StreamChunks:
+    """A stream's identity and chunk numbering, shared by the sync and async streams.
 
-    def __init__(self, client: MonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
+    The first chunk carries model, prompt and labels; later ones only the request id.
+    """
+
+    def __init__(self, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
         self.request_id = request_id
         self._model = model
         self._prompt = prompt
         self._labels = labels
-        self._chunks: queue.Queue[Any] = queue.Queue()
         self._sent = 0
         self._closed = False
+
+    def _next_chunk(self, activations: Mapping[str, Any] | None, text_delta: str, final: bool) -> pb.ScoreChunk:
+        if self._closed:
+            raise ClientError("stream: already closed", "FAILED_PRECONDITION")
+        msg = _wire.chunk(
+            request_id=self.request_id,
+            model=self._model,
+            prompt=self._prompt,
+            labels=self._labels,
+            first=self._sent == 0,
+            text_delta=text_delta,
+            activations=activations or {},
+            final=final,
+        )
+        self._sent += 1
+        return msg
+
+
+class ScoreStream(_StreamChunks):
+    """One running generation on a ScoreStream call (blocking)."""
+
+    def __init__(self, client: MonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
+        super().__init__(request_id, model, prompt, labels)
+        self._chunks: queue.Queue[Any] = queue.Queue()
         self._responses: Iterator[pb.Verdict] = client._stub.ScoreStream(self._requests(), metadata=client._metadata)
 
     def _requests(self) -> Iterator[pb.ScoreChunk]:
@@ -281,20 +307,7 @@ class ScoreStream:
         self, activations: Mapping[str, Any] | None = None, text_delta: str = "", *, final: bool = False
     ) -> ChunkVerdict:
         """Send the new tokens' activations (hook point -> [new_tokens, d_model]); get the verdict."""
-        if self._closed:
-            raise ClientError("stream: already closed", "FAILED_PRECONDITION")
-        msg = _wire.chunk(
-            request_id=self.request_id,
-            model=self._model,
-            prompt=self._prompt,
-            labels=self._labels,
-            first=self._sent == 0,
-            text_delta=text_delta,
-            activations=activations or {},
-            final=final,
-        )
-        self._chunks.put(msg)
-        self._sent += 1
+        self._chunks.put(self._next_chunk(activations, text_delta, final))
         try:
             verdict = _wire.chunk_verdict(next(self._responses))
         except grpc.RpcError as exc:
