@@ -96,18 +96,10 @@ def _init_sae(cfg: SAEConfig, data: torch.Tensor, gen: torch.Generator) -> SAE:
     w = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
     w /= w.norm(dim=1, keepdim=True)
     with torch.no_grad():
-        sae.W_dec.copy_(w * 0.1)
-        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        sae.W_dec.copy_(w)  # unit-norm rows
         sae.W_enc.copy_(w.T * 0.1)
         sae.b_dec.copy_(data[:50_000].mean(0))  # geometric median is better; mean is close enough
     return sae
-
-
-def fve(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Fraction of variance explained: 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (over a set)."""
-    resid = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0)).pow(2).sum()
-    return float(1 - resid / total)
 
 
 @torch.no_grad()
