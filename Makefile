@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 
-.PHONY: install demo test test-unit lint proto proto-check bench bundle clean
+.PHONY: install demo test test-unit lint proto proto-check bench bundle detectors evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -38,6 +38,17 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) bench/grpc_score.py
 	$(PYTHON) bench/sae_encode.py
+	$(PYTHON) bench/score.py
+
+# Refit the default bundle's detectors on data/detectors/ (about 15 min: activations are cached in
+# runs/detector-acts), then re-measure them and rewrite docs/model-card.md.
+detectors: $(STAMP)
+	$(PYTHON) -m monitor train-detectors
+	$(PYTHON) -m monitor evaluate
+
+# Re-measure the shipped detectors and rewrite docs/model-card.md (exit 1 if figures moved).
+evaluate: $(STAMP)
+	$(PYTHON) -m monitor evaluate
 
 # Rebuild the default SAE from scratch (about 1 h on 2 CPU cores; see monitor/assets/default/sae/CARD.md).
 SAE_ACTS ?= runs/acts-l16

@@ -76,6 +76,52 @@ def _train_sae(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_detectors(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor.detectors import default_bundle_path
+    from monitor.detectors._evaluate import build_detectors
+    from monitor.models import load_default_model
+
+    bundle = Path(ns.bundle) if ns.bundle else default_bundle_path()
+    results = build_detectors(bundle, Path(ns.cache), load_default_model, behaviours=ns.behaviour or _all())
+    for per_det in results.values():
+        for name, splits in per_det.items():
+            for split, m in splits.items():
+                print(f"{name:28} {split:26} n={m.n:5d} AUROC {m.auroc:.3f} R@1%FPR {m.recall_at_1pct_fpr:.3f}")
+    print(f"wrote detectors into {bundle}; run `monitor evaluate` to write the model card")
+    return 0
+
+
+def _all() -> tuple[str, ...]:
+    from monitor.detectors._evaluate import RECIPES
+
+    return tuple(RECIPES)
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor.detectors import Bundle
+    from monitor.detectors._card import render_model_card, write_model_card
+    from monitor.detectors._evaluate import compare_with_manifest, evaluate_bundle
+    from monitor.models import load_default_model
+
+    bundle = Bundle.load(ns.bundle)
+    results = evaluate_bundle(bundle, Path(ns.cache), load_default_model)
+    notes: dict[str, str] = {}
+    if ns.notes and Path(ns.notes).is_file():
+        import yaml
+
+        notes = yaml.safe_load(Path(ns.notes).read_text()) or {}
+    write_model_card(Path(ns.card), render_model_card(bundle, results, notes))
+    print(f"wrote {ns.card}")
+    problems = compare_with_manifest(bundle, results, ns.tolerance)
+    for p in problems:
+        print(f"differs from the bundle: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Safety-monitoring sidecar for LLM servers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -138,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     from monitor import demo
 
+    p = sub.add_parser(
+        "train-detectors",
+        help="fit the SAE, dense and ensemble detectors into a bundle",
+        description="Fit detectors on data/detectors/ (activations cached), calibrate at 1%% FPR, write "
+        "detectors.safetensors, the feature reports of the latents used and bundle.yaml's detectors.",
+    )
+    p.set_defaults(func=_train_detectors)
+    p.add_argument("--bundle", help="bundle folder (default: the embedded default)")
+    p.add_argument("--behaviour", action="append", choices=list(_all()), help="repeatable (default: all)")
+    p.add_argument("--cache", default="runs/detector-acts", help="activation cache folder")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="re-score a bundle's held-out splits and write the model card",
+        description="Score every held-out split through the serving code, write the model card and "
+        "exit 1 when an AUROC differs from the bundle's recorded figure by more than --tolerance.",
+    )
+    p.set_defaults(func=_evaluate)
+    p.add_argument("--bundle", help="bundle folder (default: the embedded default)")
+    p.add_argument("--cache", default="runs/detector-acts", help="activation cache folder")
+    p.add_argument("--card", default="docs/model-card.md", help="where to write the model card")
+    p.add_argument("--notes", default="docs/model-card-notes.yaml", help="YAML {behaviour: markdown} added to the card")
+    p.add_argument("--tolerance", type=float, default=0.01)
     demo.add_parser(sub)
     return parser
 

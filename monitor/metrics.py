@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from monitor.detectors import DetectorResult
 from monitor.pipeline import ScoreResult, StreamVerdict
 
 __all__ = ["LATENCY_BUCKETS", "MonitorMetrics"]
 
 PREFIX = "safety_monitor"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 NORM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 RPCS = ("Score", "ScoreStream", "Ingest", "GetDetectors")
 
@@ -109,6 +111,31 @@ class MonitorMetrics:
             ["result"],
             registry=r,
         )
+        # -- detectors ------------------------------------------------------------------------
+        self.detector_probability = Histogram(
+            f"{PREFIX}_detector_probability",
+            "Calibrated probability of each detector's behaviour per finished generation.",
+            ["detector", "behaviour"],
+            buckets=PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        self.detector_fired = Counter(
+            f"{PREFIX}_detector_fired_total",
+            "Finished generations on which a detector fired (score >= its threshold).",
+            ["detector", "behaviour", "severity"],
+            registry=r,
+        )
+        self.stream_halts = Counter(
+            f"{PREFIX}_stream_halts_total",
+            "Streams advised to HALT because a critical detector fired.",
+            registry=r,
+        )
+        self.flagged = Counter(
+            f"{PREFIX}_generations_flagged_total",
+            "Finished generations on which at least one detector fired.",
+            ["rpc"],
+            registry=r,
+        )
         for rpc in RPCS:  # so rates exist (as 0) before the first request
             self.in_flight.labels(rpc)
             self.request_seconds.labels(rpc)
@@ -130,6 +157,15 @@ class MonitorMetrics:
         for hs in result.hook_stats:
             self.tokens.labels(hs.hook_point).inc(hs.tokens)
             self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
+        self._record_detectors(rpc, result.detectors)
+
+    def _record_detectors(self, rpc: str, results: tuple[DetectorResult, ...]) -> None:
+        for d in results:
+            self.detector_probability.labels(d.name, d.behaviour).observe(d.probability)
+            if d.fired:
+                self.detector_fired.labels(d.name, d.behaviour, "critical" if d.critical else "warning").inc()
+        if any(d.fired for d in results):
+            self.flagged.labels(rpc).inc()
 
     def record_chunk(self, verdict: StreamVerdict) -> None:
         """A stream chunk was scored; a final chunk also counts its generation."""
@@ -138,7 +174,10 @@ class MonitorMetrics:
         self.pipeline_seconds.labels("ScoreStream").observe(verdict.seconds)
         for hook, n in verdict.new_tokens.items():
             self.tokens.labels(hook).inc(n)
+        if verdict.halt and verdict.reason and verdict.halted_now:
+            self.stream_halts.inc()
         if verdict.final:
             self.generations.labels("ScoreStream").inc()
             for hs in verdict.hook_stats:
                 self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
+            self._record_detectors("ScoreStream", verdict.detectors)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.detectors import Bundle, HookPoint
+from monitor.detectors import Bundle, DetectorResult, DetectorSet, HookPoint
 from monitor.errors import InvalidInput
 from monitor.tensors import WireTensor, decode, require_finite
 
@@ -101,6 +101,7 @@ class ScoreResult:
     flagged: bool
     seconds: float
     bytes_received: int
+    detectors: tuple[DetectorResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class StreamVerdict:
     reason: str
     final: bool
     seconds: float
+    detectors: tuple[DetectorResult, ...] = ()
+    halted_now: bool = False  # this chunk is the one that first advised HALT
 
 
 @dataclass
@@ -130,14 +133,17 @@ class _HookAccumulator:
     norm_sum: float = 0.0
     norm_max: float = 0.0
 
-    def add(self, norms: np.ndarray) -> None:
-        if norms.size:
-            self.tokens += int(norms.size)
+    normed: int = 0  # tokens with full activations (projected tokens have no residual norm)
+
+    def add(self, tokens: int, norms: np.ndarray | None) -> None:
+        self.tokens += tokens
+        if norms is not None and norms.size:
+            self.normed += int(norms.size)
             self.norm_sum += float(norms.sum(dtype=np.float64))
             self.norm_max = max(self.norm_max, float(norms.max()))
 
     def stats(self) -> HookStats:
-        mean = self.norm_sum / self.tokens if self.tokens else 0.0
+        mean = self.norm_sum / self.normed if self.normed else 0.0
         return HookStats(self.hook_point, self.tokens, mean, self.norm_max)
 
 
@@ -155,9 +161,10 @@ class Pipeline:
     (4, 12.0)
     """
 
-    def __init__(self, bundle: Bundle, limits: Limits | None = None) -> None:
+    def __init__(self, bundle: Bundle, limits: Limits | None = None, detectors: DetectorSet | None = None) -> None:
         self.bundle = bundle
         self.limits = limits or Limits()
+        self.detectors = detectors if detectors is not None else DetectorSet.from_bundle(bundle)
 
     # -- finished generations -------------------------------------------------------------
     def score(self, req: ScoreInput) -> ScoreResult:
@@ -175,6 +182,7 @@ class Pipeline:
             )
         accs: dict[str, _HookAccumulator] = {}
         nbytes = 0
+        running = self.detectors.open_running()
         for i, block in enumerate(req.activations):
             hp, arr = self._decode_block(block, f"activations[{i}]", self.limits.max_tokens)
             if hp.name in accs:
@@ -185,16 +193,21 @@ class Pipeline:
                     reason="hook_point",
                 )
             acc = accs[hp.name] = _HookAccumulator(hp.name)
-            acc.add(_row_norms(arr))
+            acc.add(arr.shape[0], None if block.projected else _row_norms(arr))
+            feats = self.detectors.features(hp.name, arr, block.projected)
+            if feats is not None:
+                running.update(hp.name, feats)
             nbytes += len(block.tensor.data)
+        results = tuple(running.results())
         return ScoreResult(
             request_id=req.request_id,
             model=req.model,
             hook_stats=tuple(a.stats() for a in accs.values()),
             text_stats=_text_stats(req.prompt, req.output),
-            flagged=False,
+            flagged=any(r.fired for r in results),
             seconds=time.perf_counter() - start,
             bytes_received=nbytes,
+            detectors=results,
         )
 
     # -- running generations --------------------------------------------------------------
@@ -212,26 +225,30 @@ class Pipeline:
                 repr(block.hook_point),
                 reason="hook_point",
             )
+        width, what = hp.d_model, "d_model"
         if block.projected:
-            raise InvalidInput(
-                f"{field_name}.projected",
-                "false (bundle has no encoder slice for projected mode)",
-                "true",
-                reason="projected",
-            )
+            proj = self.detectors.projection(hp.name)
+            if proj is None:
+                raise InvalidInput(
+                    f"{field_name}.projected",
+                    f"false (the bundle has no encoder slice for hook point {hp.name})",
+                    "true",
+                    reason="projected",
+                )
+            width, what = proj.width, "projected columns"
         tfield = f"{field_name}.activations"
         shape = block.tensor.shape
         if len(shape) != 2:
             raise InvalidInput(
                 f"{tfield}.shape",
-                f"rank 2 [tokens, d_model={hp.d_model}]",
+                f"rank 2 [tokens, {what}={width}]",
                 f"rank {len(shape)} {list(shape)}",
                 reason="rank",
             )
-        if shape[1] != hp.d_model:
+        if shape[1] != width:
             raise InvalidInput(
-                f"{tfield}.shape[1] (d_model)",
-                f"{hp.d_model} for hook point {hp.name}",
+                f"{tfield}.shape[1] ({what})",
+                f"{width} for hook point {hp.name}" + (" (the encoder slice's width)" if block.projected else ""),
                 str(shape[1]),
                 reason="d_model",
             )
@@ -261,6 +278,8 @@ class StreamScorer:
         self._output_parts: list[str] = []
         self._output_chars = 0
         self._accs: dict[str, _HookAccumulator] = {}
+        self._running = pipeline.detectors.open_running()
+        self.halted = ""
 
     def update(self, chunk: ChunkInput) -> StreamVerdict:
         """Validate and fold in one chunk; raises ``InvalidInput`` (the stream should end)."""
@@ -299,7 +318,10 @@ class StreamScorer:
                     reason="too_many_tokens",
                 )
             acc = self._accs.setdefault(hp.name, _HookAccumulator(hp.name))
-            acc.add(_row_norms(arr))
+            acc.add(arr.shape[0], None if block.projected else _row_norms(arr))
+            feats = self._p.detectors.features(hp.name, arr, block.projected)
+            if feats is not None:
+                self._running.update(hp.name, feats)
             new_tokens[hp.name] = int(arr.shape[0])
             nbytes += len(block.tensor.data)
         self._output_parts.append(chunk.text_delta)
@@ -309,6 +331,11 @@ class StreamScorer:
         self.finished = chunk.final
         output = "".join(self._output_parts)
         self._output_parts = [output]
+        results = tuple(self._running.results())
+        halted_now = False
+        if not self.halted:
+            self.halted = _halt_reason(results)
+            halted_now = bool(self.halted)
         return StreamVerdict(
             request_id=self.request_id,
             model=self.model,
@@ -318,11 +345,23 @@ class StreamScorer:
             new_bytes=nbytes,
             hook_stats=tuple(a.stats() for a in self._accs.values()),
             text_stats=_text_stats(self._prompt, output),
-            halt=False,
-            reason="",
+            halt=bool(self.halted),
+            reason=self.halted,
             final=chunk.final,
             seconds=time.perf_counter() - start,
+            detectors=results,
+            halted_now=halted_now,
         )
+
+
+def _halt_reason(results: Sequence[DetectorResult]) -> str:
+    """Why a stream should stop: the first critical detector whose running or recent score fired."""
+    for r in results:
+        if r.critical and (r.fired or r.recent_score >= r.threshold):
+            which = "score" if r.fired else "recent score"
+            value = r.score if r.fired else r.recent_score
+            return f"{r.name} fired: {which} {value:.3f} >= threshold {r.threshold:.3f}"
+    return ""
 
 
 def _row_norms(arr: np.ndarray) -> np.ndarray:

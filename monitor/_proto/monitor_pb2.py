@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsafety_monitor/v1/monitor.proto\x12\x11safety_monitor.v1\"N\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.safety_monitor.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0f\x41\x63tivationBlock\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12\x11\n\tprojected\x18\x03 \x01(\x08\"\xf6\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x04 \x01(\t\x12\x37\n\x0b\x61\x63tivations\x18\x05 \x03(\x0b\x32\".safety_monitor.v1.ActivationBlock\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.safety_monitor.v1.ScoreRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x13\x46\x65\x61tureContribution\x12\x0e\n\x06latent\x18\x01 \x01(\x05\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\t\"\xe7\x01\n\rDetectorScore\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x11\n\tbehaviour\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\r\n\x05\x66ired\x18\x06 \x01(\x08\x12-\n\x08severity\x18\x07 \x01(\x0e\x32\x1b.safety_monitor.v1.Severity\x12<\n\x0ctop_features\x18\x08 \x03(\x0b\x32&.safety_monitor.v1.FeatureContribution\"Z\n\tHookStats\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x14\n\x0cmean_l2_norm\x18\x03 \x01(\x01\x12\x13\n\x0bmax_l2_norm\x18\x04 \x01(\x01\"\xaa\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\nhook_stats\x18\x02 \x03(\x0b\x32\x1c.safety_monitor.v1.HookStats\x12\x43\n\ntext_stats\x18\x03 \x03(\x0b\x32/.safety_monitor.v1.ScoreResponse.TextStatsEntry\x12\x33\n\tdetectors\x18\x04 \x03(\x0b\x32 .safety_monitor.v1.DetectorScore\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\x16\n\x0eserver_seconds\x18\x06 \x01(\x01\x1a\x30\n\x0eTextStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x85\x02\n\nScoreChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\ntext_delta\x18\x04 \x01(\t\x12\x37\n\x0b\x61\x63tivations\x18\x05 \x03(\x0b\x32\".safety_monitor.v1.ActivationBlock\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).safety_monitor.v1.ScoreChunk.LabelsEntry\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x02\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x03\x12\x30\n\nhook_stats\x18\x04 \x03(\x0b\x32\x1c.safety_monitor.v1.HookStats\x12=\n\ntext_stats\x18\x05 \x03(\x0b\x32).safety_monitor.v1.Verdict.TextStatsEntry\x12\x33\n\tdetectors\x18\x06 \x03(\x0b\x32 .safety_monitor.v1.DetectorScore\x12)\n\x06\x61\x64vice\x18\x07 \x01(\x0e\x32\x19.safety_monitor.v1.Advice\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05\x66inal\x18\t \x01(\x08\x1a\x30\n\x0eTextStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"A\n\x0bIngestError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x86\x01\n\rIngestSummary\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x03\x12.\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x1e.safety_monitor.v1.IngestError\"\x15\n\x13GetDetectorsRequest\"\xbe\x01\n\x0c\x45ncoderSlice\x12\x12\n\nlatent_ids\x18\x01 \x03(\x05\x12(\n\x05w_enc\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12(\n\x05\x62_enc\x18\x03 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12(\n\x05\x62_dec\x18\x04 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12\x1c\n\x14\x61pply_b_dec_to_input\x18\x05 \x01(\x08\"\xad\x01\n\rHookPointSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64_model\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x31\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x04 \x03(\x0e\x32\x18.safety_monitor.v1.DType\x12\x36\n\rencoder_slice\x18\x05 \x01(\x0b\x32\x1f.safety_monitor.v1.EncoderSlice\"v\n\x0c\x44\x65tectorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbehaviour\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nhook_point\x18\x04 \x01(\t\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x06 \x01(\x08\"\xb8\x01\n\x0f\x44\x65tectorCatalog\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_name\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x35\n\x0bhook_points\x18\x04 \x03(\x0b\x32 .safety_monitor.v1.HookPointSpec\x12\x32\n\tdetectors\x18\x05 \x03(\x0b\x32\x1f.safety_monitor.v1.DetectorInfo*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*F\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x44VICE_CONTINUE\x10\x01\x12\x0f\n\x0b\x41\x44VICE_HALT\x10\x02\x32\xd4\x02\n\rSafetyMonitor\x12J\n\x05Score\x12\x1f.safety_monitor.v1.ScoreRequest\x1a .safety_monitor.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x1d.safety_monitor.v1.ScoreChunk\x1a\x1a.safety_monitor.v1.Verdict(\x01\x30\x01\x12M\n\x06Ingest\x12\x1f.safety_monitor.v1.ScoreRequest\x1a .safety_monitor.v1.IngestSummary(\x01\x12Z\n\x0cGetDetectors\x12&.safety_monitor.v1.GetDetectorsRequest\x1a\".safety_monitor.v1.DetectorCatalogb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsafety_monitor/v1/monitor.proto\x12\x11safety_monitor.v1\"N\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.safety_monitor.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0f\x41\x63tivationBlock\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12\x11\n\tprojected\x18\x03 \x01(\x08\"\xf6\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x04 \x01(\t\x12\x37\n\x0b\x61\x63tivations\x18\x05 \x03(\x0b\x32\".safety_monitor.v1.ActivationBlock\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.safety_monitor.v1.ScoreRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x13\x46\x65\x61tureContribution\x12\x0e\n\x06latent\x18\x01 \x01(\x05\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0f\n\x07\x65xample\x18\x05 \x01(\t\"\x8f\x02\n\rDetectorScore\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x11\n\tbehaviour\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\r\n\x05\x66ired\x18\x06 \x01(\x08\x12-\n\x08severity\x18\x07 \x01(\x0e\x32\x1b.safety_monitor.v1.Severity\x12<\n\x0ctop_features\x18\x08 \x03(\x0b\x32&.safety_monitor.v1.FeatureContribution\x12\x14\n\x0crecent_score\x18\t \x01(\x01\x12\x10\n\x08\x63ritical\x18\n \x01(\x08\"Z\n\tHookStats\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x14\n\x0cmean_l2_norm\x18\x03 \x01(\x01\x12\x13\n\x0bmax_l2_norm\x18\x04 \x01(\x01\"\xaa\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\nhook_stats\x18\x02 \x03(\x0b\x32\x1c.safety_monitor.v1.HookStats\x12\x43\n\ntext_stats\x18\x03 \x03(\x0b\x32/.safety_monitor.v1.ScoreResponse.TextStatsEntry\x12\x33\n\tdetectors\x18\x04 \x03(\x0b\x32 .safety_monitor.v1.DetectorScore\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\x16\n\x0eserver_seconds\x18\x06 \x01(\x01\x1a\x30\n\x0eTextStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x85\x02\n\nScoreChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\ntext_delta\x18\x04 \x01(\t\x12\x37\n\x0b\x61\x63tivations\x18\x05 \x03(\x0b\x32\".safety_monitor.v1.ActivationBlock\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).safety_monitor.v1.ScoreChunk.LabelsEntry\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x02\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x03\x12\x30\n\nhook_stats\x18\x04 \x03(\x0b\x32\x1c.safety_monitor.v1.HookStats\x12=\n\ntext_stats\x18\x05 \x03(\x0b\x32).safety_monitor.v1.Verdict.TextStatsEntry\x12\x33\n\tdetectors\x18\x06 \x03(\x0b\x32 .safety_monitor.v1.DetectorScore\x12)\n\x06\x61\x64vice\x18\x07 \x01(\x0e\x32\x19.safety_monitor.v1.Advice\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05\x66inal\x18\t \x01(\x08\x1a\x30\n\x0eTextStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"A\n\x0bIngestError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x86\x01\n\rIngestSummary\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x03\x12.\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x1e.safety_monitor.v1.IngestError\"\x15\n\x13GetDetectorsRequest\"\xd5\x01\n\x0c\x45ncoderSlice\x12\x12\n\nlatent_ids\x18\x01 \x03(\x05\x12(\n\x05w_enc\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12(\n\x05\x62_enc\x18\x03 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12(\n\x05\x62_dec\x18\x04 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\x12\x1c\n\x14\x61pply_b_dec_to_input\x18\x05 \x01(\x08\x12\x15\n\rdense_columns\x18\x06 \x01(\x05\"\xad\x01\n\rHookPointSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64_model\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x31\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x04 \x03(\x0e\x32\x18.safety_monitor.v1.DType\x12\x36\n\rencoder_slice\x18\x05 \x01(\x0b\x32\x1f.safety_monitor.v1.EncoderSlice\"\xb3\x01\n\x0c\x44\x65tectorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbehaviour\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nhook_point\x18\x04 \x01(\t\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x06 \x01(\x08\x12\x13\n\x0b\x61ggregation\x18\x07 \x01(\t\x12\x12\n\ntarget_fpr\x18\x08 \x01(\x01\x12\x12\n\nlatent_ids\x18\t \x03(\x05\"\xb8\x01\n\x0f\x44\x65tectorCatalog\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_name\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x35\n\x0bhook_points\x18\x04 \x03(\x0b\x32 .safety_monitor.v1.HookPointSpec\x12\x32\n\tdetectors\x18\x05 \x03(\x0b\x32\x1f.safety_monitor.v1.DetectorInfo*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*F\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x44VICE_CONTINUE\x10\x01\x12\x0f\n\x0b\x41\x44VICE_HALT\x10\x02\x32\xd4\x02\n\rSafetyMonitor\x12J\n\x05Score\x12\x1f.safety_monitor.v1.ScoreRequest\x1a .safety_monitor.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x1d.safety_monitor.v1.ScoreChunk\x1a\x1a.safety_monitor.v1.Verdict(\x01\x30\x01\x12M\n\x06Ingest\x12\x1f.safety_monitor.v1.ScoreRequest\x1a .safety_monitor.v1.IngestSummary(\x01\x12Z\n\x0cGetDetectors\x12&.safety_monitor.v1.GetDetectorsRequest\x1a\".safety_monitor.v1.DetectorCatalogb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORECHUNK_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_VERDICT_TEXTSTATSENTRY']._loaded_options = None
   _globals['_VERDICT_TEXTSTATSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2743
-  _globals['_DTYPE']._serialized_end=2819
-  _globals['_SEVERITY']._serialized_start=2821
-  _globals['_SEVERITY']._serialized_end=2921
-  _globals['_ADVICE']._serialized_start=2923
-  _globals['_ADVICE']._serialized_end=2993
+  _globals['_DTYPE']._serialized_start=2885
+  _globals['_DTYPE']._serialized_end=2961
+  _globals['_SEVERITY']._serialized_start=2963
+  _globals['_SEVERITY']._serialized_end=3063
+  _globals['_ADVICE']._serialized_start=3065
+  _globals['_ADVICE']._serialized_end=3135
   _globals['_TENSOR']._serialized_start=54
   _globals['_TENSOR']._serialized_end=132
   _globals['_ACTIVATIONBLOCK']._serialized_start=134
@@ -54,37 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST_LABELSENTRY']._serialized_start=442
   _globals['_SCOREREQUEST_LABELSENTRY']._serialized_end=487
   _globals['_FEATURECONTRIBUTION']._serialized_start=489
-  _globals['_FEATURECONTRIBUTION']._serialized_end=583
-  _globals['_DETECTORSCORE']._serialized_start=586
-  _globals['_DETECTORSCORE']._serialized_end=817
-  _globals['_HOOKSTATS']._serialized_start=819
-  _globals['_HOOKSTATS']._serialized_end=909
-  _globals['_SCORERESPONSE']._serialized_start=912
-  _globals['_SCORERESPONSE']._serialized_end=1210
-  _globals['_SCORERESPONSE_TEXTSTATSENTRY']._serialized_start=1162
-  _globals['_SCORERESPONSE_TEXTSTATSENTRY']._serialized_end=1210
-  _globals['_SCORECHUNK']._serialized_start=1213
-  _globals['_SCORECHUNK']._serialized_end=1474
+  _globals['_FEATURECONTRIBUTION']._serialized_end=600
+  _globals['_DETECTORSCORE']._serialized_start=603
+  _globals['_DETECTORSCORE']._serialized_end=874
+  _globals['_HOOKSTATS']._serialized_start=876
+  _globals['_HOOKSTATS']._serialized_end=966
+  _globals['_SCORERESPONSE']._serialized_start=969
+  _globals['_SCORERESPONSE']._serialized_end=1267
+  _globals['_SCORERESPONSE_TEXTSTATSENTRY']._serialized_start=1219
+  _globals['_SCORERESPONSE_TEXTSTATSENTRY']._serialized_end=1267
+  _globals['_SCORECHUNK']._serialized_start=1270
+  _globals['_SCORECHUNK']._serialized_end=1531
   _globals['_SCORECHUNK_LABELSENTRY']._serialized_start=442
   _globals['_SCORECHUNK_LABELSENTRY']._serialized_end=487
-  _globals['_VERDICT']._serialized_start=1477
-  _globals['_VERDICT']._serialized_end=1838
-  _globals['_VERDICT_TEXTSTATSENTRY']._serialized_start=1162
-  _globals['_VERDICT_TEXTSTATSENTRY']._serialized_end=1210
-  _globals['_INGESTERROR']._serialized_start=1840
-  _globals['_INGESTERROR']._serialized_end=1905
-  _globals['_INGESTSUMMARY']._serialized_start=1908
-  _globals['_INGESTSUMMARY']._serialized_end=2042
-  _globals['_GETDETECTORSREQUEST']._serialized_start=2044
-  _globals['_GETDETECTORSREQUEST']._serialized_end=2065
-  _globals['_ENCODERSLICE']._serialized_start=2068
-  _globals['_ENCODERSLICE']._serialized_end=2258
-  _globals['_HOOKPOINTSPEC']._serialized_start=2261
-  _globals['_HOOKPOINTSPEC']._serialized_end=2434
-  _globals['_DETECTORINFO']._serialized_start=2436
-  _globals['_DETECTORINFO']._serialized_end=2554
-  _globals['_DETECTORCATALOG']._serialized_start=2557
-  _globals['_DETECTORCATALOG']._serialized_end=2741
-  _globals['_SAFETYMONITOR']._serialized_start=2996
-  _globals['_SAFETYMONITOR']._serialized_end=3336
+  _globals['_VERDICT']._serialized_start=1534
+  _globals['_VERDICT']._serialized_end=1895
+  _globals['_VERDICT_TEXTSTATSENTRY']._serialized_start=1219
+  _globals['_VERDICT_TEXTSTATSENTRY']._serialized_end=1267
+  _globals['_INGESTERROR']._serialized_start=1897
+  _globals['_INGESTERROR']._serialized_end=1962
+  _globals['_INGESTSUMMARY']._serialized_start=1965
+  _globals['_INGESTSUMMARY']._serialized_end=2099
+  _globals['_GETDETECTORSREQUEST']._serialized_start=2101
+  _globals['_GETDETECTORSREQUEST']._serialized_end=2122
+  _globals['_ENCODERSLICE']._serialized_start=2125
+  _globals['_ENCODERSLICE']._serialized_end=2338
+  _globals['_HOOKPOINTSPEC']._serialized_start=2341
+  _globals['_HOOKPOINTSPEC']._serialized_end=2514
+  _globals['_DETECTORINFO']._serialized_start=2517
+  _globals['_DETECTORINFO']._serialized_end=2696
+  _globals['_DETECTORCATALOG']._serialized_start=2699
+  _globals['_DETECTORCATALOG']._serialized_end=2883
+  _globals['_SAFETYMONITOR']._serialized_start=3138
+  _globals['_SAFETYMONITOR']._serialized_end=3478
 # @@protoc_insertion_point(module_scope)

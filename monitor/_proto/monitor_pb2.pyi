@@ -82,19 +82,21 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., output: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class FeatureContribution(_message.Message):
-    __slots__ = ("latent", "activation", "contribution", "label")
+    __slots__ = ("latent", "activation", "contribution", "label", "example")
     LATENT_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
     latent: int
     activation: float
     contribution: float
     label: str
-    def __init__(self, latent: _Optional[int] = ..., activation: _Optional[float] = ..., contribution: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+    example: str
+    def __init__(self, latent: _Optional[int] = ..., activation: _Optional[float] = ..., contribution: _Optional[float] = ..., label: _Optional[str] = ..., example: _Optional[str] = ...) -> None: ...
 
 class DetectorScore(_message.Message):
-    __slots__ = ("detector", "behaviour", "score", "probability", "threshold", "fired", "severity", "top_features")
+    __slots__ = ("detector", "behaviour", "score", "probability", "threshold", "fired", "severity", "top_features", "recent_score", "critical")
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOUR_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,8 @@ class DetectorScore(_message.Message):
     FIRED_FIELD_NUMBER: _ClassVar[int]
     SEVERITY_FIELD_NUMBER: _ClassVar[int]
     TOP_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
     detector: str
     behaviour: str
     score: float
@@ -111,7 +115,9 @@ class DetectorScore(_message.Message):
     fired: bool
     severity: Severity
     top_features: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
-    def __init__(self, detector: _Optional[str] = ..., behaviour: _Optional[str] = ..., score: _Optional[float] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., fired: _Optional[bool] = ..., severity: _Optional[_Union[Severity, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ...) -> None: ...
+    recent_score: float
+    critical: bool
+    def __init__(self, detector: _Optional[str] = ..., behaviour: _Optional[str] = ..., score: _Optional[float] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., fired: _Optional[bool] = ..., severity: _Optional[_Union[Severity, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., recent_score: _Optional[float] = ..., critical: _Optional[bool] = ...) -> None: ...
 
 class HookStats(_message.Message):
     __slots__ = ("hook_point", "tokens", "mean_l2_norm", "max_l2_norm")
@@ -231,18 +237,20 @@ class GetDetectorsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EncoderSlice(_message.Message):
-    __slots__ = ("latent_ids", "w_enc", "b_enc", "b_dec", "apply_b_dec_to_input")
+    __slots__ = ("latent_ids", "w_enc", "b_enc", "b_dec", "apply_b_dec_to_input", "dense_columns")
     LATENT_IDS_FIELD_NUMBER: _ClassVar[int]
     W_ENC_FIELD_NUMBER: _ClassVar[int]
     B_ENC_FIELD_NUMBER: _ClassVar[int]
     B_DEC_FIELD_NUMBER: _ClassVar[int]
     APPLY_B_DEC_TO_INPUT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     latent_ids: _containers.RepeatedScalarFieldContainer[int]
     w_enc: Tensor
     b_enc: Tensor
     b_dec: Tensor
     apply_b_dec_to_input: bool
-    def __init__(self, latent_ids: _Optional[_Iterable[int]] = ..., w_enc: _Optional[_Union[Tensor, _Mapping]] = ..., b_enc: _Optional[_Union[Tensor, _Mapping]] = ..., b_dec: _Optional[_Union[Tensor, _Mapping]] = ..., apply_b_dec_to_input: _Optional[bool] = ...) -> None: ...
+    dense_columns: int
+    def __init__(self, latent_ids: _Optional[_Iterable[int]] = ..., w_enc: _Optional[_Union[Tensor, _Mapping]] = ..., b_enc: _Optional[_Union[Tensor, _Mapping]] = ..., b_dec: _Optional[_Union[Tensor, _Mapping]] = ..., apply_b_dec_to_input: _Optional[bool] = ..., dense_columns: _Optional[int] = ...) -> None: ...
 
 class HookPointSpec(_message.Message):
     __slots__ = ("name", "d_model", "max_tokens", "accepted_dtypes", "encoder_slice")
@@ -259,20 +267,26 @@ class HookPointSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., d_model: _Optional[int] = ..., max_tokens: _Optional[int] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., encoder_slice: _Optional[_Union[EncoderSlice, _Mapping]] = ...) -> None: ...
 
 class DetectorInfo(_message.Message):
-    __slots__ = ("name", "behaviour", "kind", "hook_point", "threshold", "critical")
+    __slots__ = ("name", "behaviour", "kind", "hook_point", "threshold", "critical", "aggregation", "target_fpr", "latent_ids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOUR_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPR_FIELD_NUMBER: _ClassVar[int]
+    LATENT_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     behaviour: str
     kind: str
     hook_point: str
     threshold: float
     critical: bool
-    def __init__(self, name: _Optional[str] = ..., behaviour: _Optional[str] = ..., kind: _Optional[str] = ..., hook_point: _Optional[str] = ..., threshold: _Optional[float] = ..., critical: _Optional[bool] = ...) -> None: ...
+    aggregation: str
+    target_fpr: float
+    latent_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., behaviour: _Optional[str] = ..., kind: _Optional[str] = ..., hook_point: _Optional[str] = ..., threshold: _Optional[float] = ..., critical: _Optional[bool] = ..., aggregation: _Optional[str] = ..., target_fpr: _Optional[float] = ..., latent_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DetectorCatalog(_message.Message):
     __slots__ = ("model", "bundle_name", "bundle_version", "hook_points", "detectors")

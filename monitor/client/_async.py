@@ -191,10 +191,16 @@ class AsyncScoreStream(_StreamChunks):
         self._call: Any = client._stub.ScoreStream(metadata=client._metadata)
 
     async def send(
-        self, activations: Mapping[str, Any] | None = None, text_delta: str = "", *, final: bool = False
+        self,
+        activations: Mapping[str, Any] | None = None,
+        text_delta: str = "",
+        *,
+        final: bool = False,
+        projected: bool = False,
     ) -> ChunkVerdict:
-        """Send the new tokens' activations (hook point -> [new_tokens, d_model]); get the verdict."""
-        msg = self._next_chunk(activations, text_delta, final)
+        """Send the new tokens' activations (hook point -> [new_tokens, d_model], or [new_tokens, K]
+        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict."""
+        msg = self._next_chunk(activations, text_delta, final, projected)
         try:
             await self._call.write(msg)
             resp = await self._call.read()

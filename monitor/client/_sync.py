@@ -271,7 +271,9 @@ class _StreamChunks:
         self._sent = 0
         self._closed = False
 
-    def _next_chunk(self, activations: Mapping[str, Any] | None, text_delta: str, final: bool) -> pb.ScoreChunk:
+    def _next_chunk(
+        self, activations: Mapping[str, Any] | None, text_delta: str, final: bool, projected: bool = False
+    ) -> pb.ScoreChunk:
         if self._closed:
             raise ClientError("stream: already closed", "FAILED_PRECONDITION")
         msg = _wire.chunk(
@@ -283,6 +285,7 @@ class _StreamChunks:
             text_delta=text_delta,
             activations=activations or {},
             final=final,
+            projected=projected,
         )
         self._sent += 1
         return msg
@@ -304,10 +307,16 @@ class ScoreStream(_StreamChunks):
             yield item
 
     def send(
-        self, activations: Mapping[str, Any] | None = None, text_delta: str = "", *, final: bool = False
+        self,
+        activations: Mapping[str, Any] | None = None,
+        text_delta: str = "",
+        *,
+        final: bool = False,
+        projected: bool = False,
     ) -> ChunkVerdict:
-        """Send the new tokens' activations (hook point -> [new_tokens, d_model]); get the verdict."""
-        self._chunks.put(self._next_chunk(activations, text_delta, final))
+        """Send the new tokens' activations (hook point -> [new_tokens, d_model], or [new_tokens, K]
+        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict."""
+        self._chunks.put(self._next_chunk(activations, text_delta, final, projected))
         try:
             verdict = _wire.chunk_verdict(next(self._responses))
         except grpc.RpcError as exc:

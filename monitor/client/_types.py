@@ -11,7 +11,9 @@ from monitor.pipeline import HookStats
 __all__ = [
     "Catalog",
     "ChunkVerdict",
+    "DetectorInfo",
     "DetectorVerdict",
+    "EncoderSlice",
     "Generation",
     "HookPointInfo",
     "HookStats",
@@ -34,6 +36,7 @@ class Generation:
     output: str = ""
     activations: Mapping[str, Any] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    projected: bool = False  # activations are [tokens, K] from the catalog's encoder slice
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class FeatureInfo:
     activation: float
     contribution: float
     label: str
+    example: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class DetectorVerdict:
     fired: bool
     severity: str
     top_features: tuple[FeatureInfo, ...] = ()
+    recent_score: float = 0.0
+    critical: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,47 @@ class IngestReport:
 
 
 @dataclass(frozen=True)
+class EncoderSlice:
+    """The projection for projected mode: send ``project(x)`` ([tokens, K]) instead of x ([tokens, d_model])."""
+
+    latent_ids: tuple[int, ...]
+    w_enc: Any  # numpy [d_model, K]
+    b_enc: Any  # numpy [K]
+    dense_columns: int
+
+    @property
+    def width(self) -> int:
+        return int(self.w_enc.shape[1])
+
+    def project(self, x: Any) -> Any:
+        """Pre-activations of the K columns for activations ``x`` ([tokens, d_model], numpy or torch)."""
+        if hasattr(x, "detach"):
+            import torch
+
+            w = torch.as_tensor(self.w_enc, device=x.device)
+            return x.to(torch.float32) @ w + torch.as_tensor(self.b_enc, device=x.device)
+        return x.astype("float32") @ self.w_enc + self.b_enc
+
+
+@dataclass(frozen=True)
 class HookPointInfo:
     name: str
     d_model: int
     max_tokens: int
+    encoder_slice: EncoderSlice | None = None
+
+
+@dataclass(frozen=True)
+class DetectorInfo:
+    name: str
+    behaviour: str
+    kind: str
+    hook_point: str
+    threshold: float
+    critical: bool
+    aggregation: str
+    target_fpr: float
+    latent_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,3 +145,4 @@ class Catalog:
     bundle_version: str
     hook_points: tuple[HookPointInfo, ...]
     detectors: tuple[str, ...]
+    detector_infos: tuple[DetectorInfo, ...] = ()

@@ -9,7 +9,9 @@ from monitor._proto import monitor_pb2 as pb
 from monitor.client._types import (
     Catalog,
     ChunkVerdict,
+    DetectorInfo,
     DetectorVerdict,
+    EncoderSlice,
     FeatureInfo,
     Generation,
     HookPointInfo,
@@ -17,16 +19,18 @@ from monitor.client._types import (
     IngestReport,
     ScoreReply,
 )
-from monitor.tensors import encode
+from monitor.tensors import WireTensor, decode, encode
 
 
-def blocks(activations: Mapping[str, Any]) -> list[pb.ActivationBlock]:
+def blocks(activations: Mapping[str, Any], projected: bool = False) -> list[pb.ActivationBlock]:
     out = []
     for hook, arr in activations.items():
         t = encode(arr)
         out.append(
             pb.ActivationBlock(
-                hook_point=hook, activations=pb.Tensor(shape=list(t.shape), dtype=pb.DType.Name(t.dtype), data=t.data)
+                hook_point=hook,
+                activations=pb.Tensor(shape=list(t.shape), dtype=pb.DType.Name(t.dtype), data=t.data),
+                projected=projected,
             )
         )
     return out
@@ -38,7 +42,7 @@ def request(gen: Generation) -> pb.ScoreRequest:
         model=gen.model,
         prompt=gen.prompt,
         output=gen.output,
-        activations=blocks(gen.activations),
+        activations=blocks(gen.activations, gen.projected),
         labels=dict(gen.labels),
     )
 
@@ -57,7 +61,11 @@ def _detectors(items: Iterable[pb.DetectorScore]) -> tuple[DetectorVerdict, ...]
             threshold=d.threshold,
             fired=d.fired,
             severity=pb.Severity.Name(d.severity).removeprefix("SEVERITY_").lower(),
-            top_features=tuple(FeatureInfo(f.latent, f.activation, f.contribution, f.label) for f in d.top_features),
+            top_features=tuple(
+                FeatureInfo(f.latent, f.activation, f.contribution, f.label, f.example) for f in d.top_features
+            ),
+            recent_score=d.recent_score,
+            critical=d.critical,
         )
         for d in items
     )
@@ -103,9 +111,37 @@ def catalog(c: pb.DetectorCatalog) -> Catalog:
         model=c.model,
         bundle_name=c.bundle_name,
         bundle_version=c.bundle_version,
-        hook_points=tuple(HookPointInfo(h.name, h.d_model, h.max_tokens) for h in c.hook_points),
+        hook_points=tuple(HookPointInfo(h.name, h.d_model, h.max_tokens, _slice_of(h)) for h in c.hook_points),
         detectors=tuple(d.name for d in c.detectors),
+        detector_infos=tuple(
+            DetectorInfo(
+                d.name,
+                d.behaviour,
+                d.kind,
+                d.hook_point,
+                d.threshold,
+                d.critical,
+                d.aggregation,
+                d.target_fpr,
+                tuple(d.latent_ids),
+            )
+            for d in c.detectors
+        ),
     )
+
+
+def _slice_of(h: pb.HookPointSpec) -> EncoderSlice | None:
+    return _slice(h.encoder_slice) if h.HasField("encoder_slice") else None
+
+
+def _slice(e: pb.EncoderSlice) -> EncoderSlice:
+    def arr(t: pb.Tensor) -> Any:
+        return decode(WireTensor(tuple(t.shape), int(t.dtype), t.data), "encoder_slice")
+
+    w, b = arr(e.w_enc), arr(e.b_enc)
+    if e.apply_b_dec_to_input:
+        b = b - arr(e.b_dec) @ w
+    return EncoderSlice(tuple(e.latent_ids), w, b, int(e.dense_columns))
 
 
 def chunk(
@@ -118,8 +154,11 @@ def chunk(
     text_delta: str,
     activations: Mapping[str, Any],
     final: bool,
+    projected: bool = False,
 ) -> pb.ScoreChunk:
-    msg = pb.ScoreChunk(request_id=request_id, text_delta=text_delta, activations=blocks(activations), final=final)
+    msg = pb.ScoreChunk(
+        request_id=request_id, text_delta=text_delta, activations=blocks(activations, projected), final=final
+    )
     if first:
         msg.model = model
         msg.prompt = prompt

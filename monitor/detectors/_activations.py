@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -87,3 +88,38 @@ def response_activations(
         handle.remove()
         tokenizer.padding_side = old_side
     return out
+
+
+def cached_response_activations(
+    behaviour: str,
+    hook_point: str,
+    cache_dir: Path,
+    load_model: Any,
+    *,
+    data: Path = DATA,
+    max_response_tokens: int = 64,
+) -> tuple[list[LabeledRow], list[torch.Tensor]]:
+    """Rows of a behaviour and their activations, cached under ``cache_dir`` by content hash.
+
+    ``load_model`` is called (returning ``(model, tokenizer)``) only when the cache misses.
+    """
+    import hashlib
+
+    rows = load_rows(behaviour, data)
+    key = hashlib.sha256(
+        (data / f"{behaviour}.jsonl").read_bytes() + f"|{hook_point}|{max_response_tokens}".encode()
+    ).hexdigest()[:16]
+    path = cache_dir / f"{behaviour}-{key}.pt"
+    if path.is_file():
+        return rows, torch.load(path)
+    model, tokenizer = load_model()
+    acts = response_activations(model, tokenizer, rows, hook_point, max_response_tokens=max_response_tokens)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(acts, path)
+    return rows, acts
+
+
+def response_tokens(acts: torch.Tensor) -> np.ndarray:
+    """The response-token rows of one row's activations (the decision position when it has none)."""
+    part = acts[1:] if acts.shape[0] > 1 else acts[:1]
+    return part.float().numpy()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from monitor._proto import monitor_pb2 as pb
-from monitor.detectors import Bundle
+from monitor.detectors import Bundle, DetectorResult, DetectorSet
 from monitor.pipeline import (
     ActivationInput,
     ChunkInput,
@@ -15,7 +17,7 @@ from monitor.pipeline import (
     ScoreResult,
     StreamVerdict,
 )
-from monitor.tensors import DType, WireTensor
+from monitor.tensors import DType, WireTensor, encode
 
 
 def _blocks(blocks: Iterable[pb.ActivationBlock]) -> list[ActivationInput]:
@@ -61,11 +63,45 @@ def _hook_stats(stats: Iterable[HookStats]) -> list[pb.HookStats]:
     ]
 
 
+def _severity(r: DetectorResult) -> int:
+    if not r.fired:
+        return int(pb.SEVERITY_INFO)
+    return int(pb.SEVERITY_CRITICAL if r.critical else pb.SEVERITY_WARNING)
+
+
+def detector_scores(results: Iterable[DetectorResult]) -> list[pb.DetectorScore]:
+    return [
+        pb.DetectorScore(
+            detector=r.name,
+            behaviour=r.behaviour,
+            score=r.score,
+            probability=r.probability,
+            threshold=r.threshold,
+            fired=r.fired,
+            severity=_severity(r),  # type: ignore[arg-type]
+            top_features=[
+                pb.FeatureContribution(
+                    latent=f.latent,
+                    activation=f.activation,
+                    contribution=f.contribution,
+                    label=f.label,
+                    example=f.example,
+                )
+                for f in r.top_features
+            ],
+            recent_score=r.recent_score,
+            critical=r.critical,
+        )
+        for r in results
+    ]
+
+
 def score_response(result: ScoreResult) -> pb.ScoreResponse:
     return pb.ScoreResponse(
         request_id=result.request_id,
         hook_stats=_hook_stats(result.hook_stats),
         text_stats=dict(result.text_stats),
+        detectors=detector_scores(result.detectors),
         flagged=result.flagged,
         server_seconds=result.seconds,
     )
@@ -78,20 +114,66 @@ def verdict(v: StreamVerdict) -> pb.Verdict:
         tokens_seen=v.tokens_seen,
         hook_stats=_hook_stats(v.hook_stats),
         text_stats=dict(v.text_stats),
+        detectors=detector_scores(v.detectors),
         advice=pb.ADVICE_HALT if v.halt else pb.ADVICE_CONTINUE,
         reason=v.reason,
         final=v.final,
     )
 
 
-def catalog(bundle: Bundle, limits: Limits) -> pb.DetectorCatalog:
+def _encoder_slice(detectors: DetectorSet, hook_point: str) -> pb.EncoderSlice | None:
+    """The projection a projected-mode client applies: ``x @ w_enc + b_enc`` per token (b_dec folded in)."""
+    proj = detectors.projection(hook_point)
+    if proj is None:
+        return None
+    return pb.EncoderSlice(
+        latent_ids=[int(i) for i in proj.latent_ids],
+        w_enc=_tensor(proj.w),
+        b_enc=_tensor(proj.b),
+        b_dec=_tensor(np.zeros(proj.w.shape[0], dtype=np.float32)),
+        apply_b_dec_to_input=False,
+        dense_columns=proj.width - proj.n_latents,
+    )
+
+
+def _tensor(a: np.ndarray) -> pb.Tensor:
+    t = encode(a)
+    return pb.Tensor(shape=list(t.shape), dtype=t.dtype, data=t.data)  # type: ignore[arg-type]
+
+
+def catalog(bundle: Bundle, limits: Limits, detectors: DetectorSet) -> pb.DetectorCatalog:
     dtypes = [pb.DType.Name(int(d)) for d in DType]
+    infos = []
+    for s in detectors.specs:
+        proj = detectors.projection(s.hook_point)
+        run = next(d for d in detectors.runtime if d.spec.name == s.name)
+        lat = [int(proj.latent_ids[c]) for c in run.cols[: run.n_latent_cols]] if proj is not None else []
+        infos.append(
+            pb.DetectorInfo(
+                name=s.name,
+                behaviour=s.behaviour,
+                kind=s.kind,
+                hook_point=s.hook_point,
+                threshold=s.threshold,
+                critical=s.critical,
+                aggregation=s.aggregation,
+                target_fpr=s.target_fpr,
+                latent_ids=lat,
+            )
+        )
     return pb.DetectorCatalog(
         model=bundle.model,
         bundle_name=bundle.name,
         bundle_version=bundle.version,
         hook_points=[
-            pb.HookPointSpec(name=hp.name, d_model=hp.d_model, max_tokens=limits.max_tokens, accepted_dtypes=dtypes)
+            pb.HookPointSpec(
+                name=hp.name,
+                d_model=hp.d_model,
+                max_tokens=limits.max_tokens,
+                accepted_dtypes=dtypes,
+                encoder_slice=_encoder_slice(detectors, hp.name),
+            )
             for hp in bundle.hook_points
         ],
+        detectors=infos,
     )

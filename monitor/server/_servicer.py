@@ -81,7 +81,7 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
     ) -> pb.DetectorCatalog:
         """Unary: what the loaded bundle expects."""
         async with self._rpc("GetDetectors", context):
-            return _convert.catalog(self._pipeline.bundle, self._pipeline.limits)
+            return _convert.catalog(self._pipeline.bundle, self._pipeline.limits, self._pipeline.detectors)
 
     # -- helpers ------------------------------------------------------------------------------
     async def _ingest_batch(self, batch: list[ScoreInput], summary: pb.IngestSummary) -> None:

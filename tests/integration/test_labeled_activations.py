@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from monitor.detectors._activations import LabeledRow, load_rows, response_activations
+from monitor.detectors._activations import DATA, LabeledRow, load_rows, response_activations
 from monitor.models import load_default_model
 
 HOOK = "blocks.16.hook_resid_post"
@@ -33,8 +33,8 @@ def test_response_rows_match_a_plain_forward_pass() -> None:
 
 def test_shipped_labeled_sets_are_grouped_and_balanced() -> None:
     for behaviour, sources in (
-        ("deception", {"repe", "truthfulqa"}),
-        ("sycophancy", {"typology_conservative_bio", "typology_liberal_bio"}),
+        ("deception", {"repe", "truthfulqa_roleplay", "truthfulqa"}),
+        ("sycophancy", {"truthfulqa_opinion", "typology"}),
     ):
         rows = load_rows(behaviour)
         assert {r.source for r in rows} == sources
@@ -43,3 +43,10 @@ def test_shipped_labeled_sets_are_grouped_and_balanced() -> None:
             by_group.setdefault(r.group, []).append(r.label)
         # Every prompt appears once with each label: a split by group keeps both sides together.
         assert all(sorted(labels) == [0, 1] for labels in by_group.values())
+    refusal = load_rows("refusal")
+    assert {r.source for r in refusal} == {"refusal_direction", "hh_rlhf_tqa"}
+    # labels by construction: written refusals are 1, the model's own (non-refusing) answers 0
+    phrases = [p for p in (DATA / "refusal_phrases.txt").read_text().splitlines() if p and not p.startswith("#")]
+    for r in refusal:
+        if r.label == 0:
+            assert not any(p in r.response.lower() for p in phrases), r.response

@@ -42,7 +42,8 @@ def test_score_round_trip(sidecar: ServerThread) -> None:
     assert hs.hook_point == HOOK and hs.tokens == 12
     assert hs.mean_l2_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
     assert reply.text_stats["output_words"] == 3
-    assert not reply.flagged and reply.server_seconds > 0
+    assert reply.server_seconds > 0
+    assert len(reply.detectors) == 9 and reply.flagged == any(d.fired for d in reply.detectors)
 
 
 def test_score_stream_round_trip(sidecar: ServerThread) -> None:
@@ -51,7 +52,9 @@ def test_score_stream_round_trip(sidecar: ServerThread) -> None:
         verdicts = [s.send({HOOK: p}, f"t{i} ", final=i == 3) for i, p in enumerate(parts)]
     assert [v.chunk_index for v in verdicts] == [0, 1, 2, 3]
     assert [v.tokens_seen for v in verdicts] == [5, 6, 7, 10]
-    assert verdicts[-1].final and not any(v.halt for v in verdicts)
+    halts = [v.halt for v in verdicts]
+    assert verdicts[-1].final and halts == sorted(halts)  # HALT, once advised, stays
+    assert {d.detector for d in verdicts[-1].detectors} == {d.detector for d in verdicts[0].detectors}
     allrows = np.concatenate(parts)
     assert verdicts[-1].hook_stats[0].mean_l2_norm == pytest.approx(np.linalg.norm(allrows, axis=1).mean(), rel=1e-6)
     m = sidecar.metrics()
@@ -78,6 +81,9 @@ def test_get_detectors_describes_bundle(sidecar: ServerThread) -> None:
         cat = client.get_detectors()
     assert cat.model == MODEL and cat.bundle_name == "smollm2-135m-default"
     assert [(h.name, h.d_model, h.max_tokens) for h in cat.hook_points] == [(HOOK, 576, 8192)]
+    assert len(cat.detectors) == 9 and {d.behaviour for d in cat.detector_infos} == {"deception", "sycophancy", "refusal"}
+    sl = cat.hook_points[0].encoder_slice
+    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 3
 
 
 def test_health_serving_and_reflection(sidecar: ServerThread) -> None:

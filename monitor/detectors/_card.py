@@ -1,0 +1,143 @@
+"""Rendering ``docs/model-card.md`` from measured figures (never from hand-typed numbers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from monitor.detectors._bundle import Bundle
+from monitor.detectors._evaluate import GOALS
+from monitor.detectors._metrics import SplitMetrics
+from monitor.detectors._scoring import DetectorSet
+
+KIND_ORDER = ("sae_probe", "linear_probe", "ensemble", "phrase_match")
+
+INTRO = """\
+# Model card: detectors of the default bundle
+
+Bundle `{name}` {version} for `{model}`, hook point `{hook}`. Written by `monitor evaluate`
+(`make evaluate`) from the bundle as shipped: every figure below is a score served by the same
+code as the sidecar's `Score` RPC (`monitor.detectors.DetectorSet`), on rows the detectors were not
+fitted on. Labeled data: `data/detectors/` (see its SOURCE.md); rebuild the detectors with
+`monitor train-detectors` (`make detectors`).
+
+How to read it:
+- **validation**: a fixed 20 % of the training source's prompt groups (by hash), held out from fitting,
+  from hyper-parameter choice and from calibration.
+- **cross:&lt;source&gt;**: a different source of the same behaviour, never used for fitting: the
+  headline figure, since in-distribution validation says little about deployment.
+- **R@1%FPR**: recall at the threshold that gives 1 % false positives *on that split's own
+  negatives*. **FPR@thr / recall@thr**: the rates with the bundle's shipped threshold (set at
+  {fpr:.0%} FPR on out-of-fold negatives of the fitting part), i.e. what an operator will see.
+- Goals (issue 4): AUROC ≥ {val:.2f} on validation and ≥ {cross:.2f} across sources; the SAE probe
+  within {gap:.2f} of the dense probe; the ensemble at least as good as both.
+"""
+
+
+def _fmt(x: float) -> str:
+    return "–" if x != x else f"{x:.3f}"  # NaN -> dash
+
+
+def render_model_card(
+    bundle: Bundle, results: Mapping[str, Mapping[str, Mapping[str, SplitMetrics]]], notes: Mapping[str, str]
+) -> str:
+    """The model card as Markdown."""
+    ds = DetectorSet.from_bundle(bundle)
+    spec_of = {s.name: s for s in ds.specs}
+    fpr = ds.specs[0].target_fpr if ds.specs else 0.01
+    lines = [
+        INTRO.format(
+            name=bundle.name,
+            version=bundle.version,
+            model=bundle.model,
+            hook=bundle.hook_points[0].name,
+            fpr=fpr,
+            val=GOALS["validation_auroc"],
+            cross=GOALS["cross_auroc"],
+            gap=GOALS["sae_gap"],
+        )
+    ]
+    lines.append("## Summary against the goals\n")
+    lines.append("| behaviour | split | SAE probe | dense probe | ensemble | goal met? |")
+    lines.append("|---|---|---|---|---|---|")
+    for beh, per_det in results.items():
+        splits = sorted({sp for m in per_det.values() for sp in m if sp != "sample"})
+        for sp in splits:
+            a = {k: per_det.get(f"{beh}.{k}", {}).get(sp) for k in ("sae_probe", "linear_probe", "ensemble")}
+            au = {k: (m.auroc if m else float("nan")) for k, m in a.items()}
+            goal = GOALS["validation_auroc"] if sp == "validation" else GOALS["cross_auroc"]
+            checks = [
+                f"ensemble AUROC ≥ {goal:.2f}: {'yes' if au['ensemble'] >= goal else 'no'}",
+                f"SAE within {GOALS['sae_gap']:.2f} of dense: "
+                + ("yes" if au["sae_probe"] >= au["linear_probe"] - GOALS["sae_gap"] else "no"),
+                "ensemble ≥ both: "
+                + ("yes" if au["ensemble"] >= max(au["sae_probe"], au["linear_probe"]) - 1e-9 else "no"),
+            ]
+            row = f"| {beh} | {sp} | {_fmt(au['sae_probe'])} | {_fmt(au['linear_probe'])} | {_fmt(au['ensemble'])} "
+            lines.append(row + f"| {'; '.join(checks)} |")
+    lines.append("\nAUROC per cell. Details per behaviour follow.\n")
+    for beh, per_det in results.items():
+        lines.append(f"## {beh}\n")
+        any_spec = next((spec_of[n] for n in per_det if n in spec_of), None)
+        if any_spec is not None:
+            prov = any_spec.provenance
+            lines.append(
+                f"Fitted on `{prov.get('train_source')}` ({prov.get('fit_rows')} rows, "
+                f"{prov.get('fit_positives')} positive), data `{prov.get('data')}`; other sources: "
+                + ", ".join(f"`{c}`" for c in prov.get("cross_sources", []))
+                + ".\n"
+            )
+        if beh in notes:
+            lines.append(notes[beh].strip() + "\n")
+        lines.append("| detector | kind | aggregation | split | n (pos) | AUROC | R@1%FPR | FPR@thr | recall@thr |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        names = sorted(per_det, key=_kind_rank)
+        for name in names:
+            spec = spec_of.get(name)
+            kind = spec.kind if spec else name.split(".", 1)[1]
+            agg = spec.aggregation if spec else "–"
+            for sp, m in sorted(per_det[name].items(), key=lambda kv: (kv[0] == "sample", kv[0])):
+                lines.append(
+                    f"| `{name}` | {kind} | {agg} | {sp} | {m.n} ({m.positives}) | {_fmt(m.auroc)} | "
+                    f"{_fmt(m.recall_at_1pct_fpr)} | {_fmt(m.fpr_at_threshold)} | {_fmt(m.recall_at_threshold)} |"
+                )
+        sae = spec_of.get(f"{beh}.sae_probe")
+        if sae is not None:
+            ch = sae.provenance.get("choices", {})
+            lines.append(
+                f"\nSAE probe: {ch.get('k')} latents selected by {ch.get('selection')}, C={ch.get('c')}, "
+                f"{sae.aggregation} aggregation "
+                f"(chosen by grouped {sae.provenance.get('folds')}-fold CV on the fitting part, CV AUROC "
+                f"{ch.get('cv_auroc')}). Top latents by |weight|, with their labels from the SAE's feature reports:\n"
+            )
+            lines.extend(_latent_lines(ds, sae.name))
+        lines.append("")
+    lines.append(
+        "`sample` is the fixed subset (first groups by hash of each held-out split) that "
+        "`tests/integration/test_detectors_grpc.py` replays through a real gRPC server.\n"
+    )
+    return "\n".join(lines)
+
+
+def _kind_rank(name: str) -> int:
+    kind = name.split(".", 1)[1]
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def _latent_lines(ds: DetectorSet, name: str, top: int = 8) -> list[str]:
+    det = next(d for d in ds.runtime if d.spec.name == name)
+    proj = ds.projections[det.spec.hook_point]
+    order = sorted(range(len(det.cols)), key=lambda i: -abs(float(det.weight[i])))[:top]
+    out = []
+    for i in order:
+        lat = int(proj.latent_ids[det.cols[i]])
+        rep = ds.reports.get(lat, {})
+        ex = str(rep.get("example", "")).replace("|", "\\|").replace("\n", " ")[:90]
+        out.append(f"- latent {lat} (weight {float(det.weight[i]):+.3f}): “{rep.get('label', '')}” e.g. `{ex}`")
+    return out
+
+
+def write_model_card(path: Path, text: str) -> None:
+    """Write the card, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

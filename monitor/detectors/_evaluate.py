@@ -1,0 +1,243 @@
+"""Building and evaluating a bundle's detectors, and writing the model card.
+
+``build_detectors`` fits every behaviour (``_fit``), writes the weights, the feature reports of the
+latents used and the ``detectors:`` entries of ``bundle.yaml``, then scores the held-out splits
+*through the serving code* (``DetectorSet``) and records the figures in the manifest.
+``evaluate_bundle`` re-runs that scoring on a bundle as shipped; ``write_model_card`` renders it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from monitor.detectors._activations import DATA, LabeledRow, cached_response_activations, response_tokens
+from monitor.detectors._bundle import Bundle
+from monitor.detectors._fit import FitConfig, fit_behaviour, is_validation
+from monitor.detectors._metrics import SplitMetrics, split_metrics
+from monitor.detectors._scoring import FEATURES_FILE, WEIGHTS_FILE, DetectorSet, ProbeWeights, save_probe_weights
+
+# What the default bundle is fitted on: training source, and the sources kept out for the
+# cross-source test. Deception is marked critical: its ensemble firing asks streams to HALT.
+RECIPES: dict[str, FitConfig] = {
+    "deception": FitConfig("deception", "repe", ("truthfulqa_roleplay", "truthfulqa"), critical=True),
+    "sycophancy": FitConfig("sycophancy", "truthfulqa_opinion", ("typology",)),
+    "refusal": FitConfig("refusal", "refusal_direction", ("hh_rlhf_tqa",)),
+}
+SAMPLE_GROUPS = 12  # groups per split in the fixed sample the gRPC reproduction test replays
+GOALS = {"validation_auroc": 0.95, "cross_auroc": 0.85, "sae_gap": 0.03}
+
+
+@dataclass(frozen=True)
+class LabeledTokens:
+    """The rows of one behaviour with their response-token activations."""
+
+    behaviour: str
+    rows: list[LabeledRow]
+    tokens: list[np.ndarray]
+
+
+def load_labeled(
+    behaviour: str, hook_point: str, cache_dir: Path, load_model: Callable[[], Any], data: Path = DATA
+) -> LabeledTokens:
+    """Rows and activations of a behaviour (teacher-forced through the model, cached)."""
+    rows, acts = cached_response_activations(behaviour, hook_point, cache_dir, load_model, data=data)
+    return LabeledTokens(behaviour, rows, [response_tokens(a) for a in acts])
+
+
+def split_of(row: LabeledRow, train_source: str, cross_sources: Sequence[str]) -> str | None:
+    """``validation``, ``cross:<source>`` or None (a fitting row, or a source the detector ignores)."""
+    if row.source == train_source:
+        return "validation" if is_validation(row.group) else None
+    if row.source in cross_sources:
+        return f"cross:{row.source}"
+    return None
+
+
+def sample_groups(rows: Sequence[LabeledRow], train_source: str, cross_sources: Sequence[str]) -> set[str]:
+    """The fixed sample: the first ``SAMPLE_GROUPS`` groups (by sha256) of each held-out split."""
+    by_split: dict[str, set[str]] = {}
+    for r in rows:
+        s = split_of(r, train_source, cross_sources)
+        if s is not None:
+            by_split.setdefault(s, set()).add(r.group)
+    out: set[str] = set()
+    for groups in by_split.values():
+        out.update(sorted(groups, key=lambda g: hashlib.sha256(g.encode()).hexdigest())[:SAMPLE_GROUPS])
+    return out
+
+
+def phrase_scores(rows: Sequence[LabeledRow], phrases: Sequence[str]) -> np.ndarray:
+    """The phrase-match baseline: how many refusal phrases occur in the response."""
+    return np.array([sum(p in r.response.lower() for p in phrases) for r in rows], dtype=np.float64)
+
+
+def refusal_phrases(data: Path = DATA) -> list[str]:
+    """The lexicon in ``data/detectors/refusal_phrases.txt``."""
+    lines = (data / "refusal_phrases.txt").read_text().splitlines()
+    return [x.strip().lower() for x in lines if x.strip() and not x.startswith("#")]
+
+
+def score_labeled(ds: DetectorSet, hook_point: str, tokens: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Each detector's served score for every row (exactly what ``Score`` returns)."""
+    out: dict[str, list[float]] = {}
+    for t in tokens:
+        for r in ds.score(hook_point, t):
+            out.setdefault(r.name, []).append(r.score)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[str, SplitMetrics]]:
+    """Figures per detector (and the phrase baseline for refusal) per held-out split and the sample."""
+    specs = [s for s in ds.specs if s.behaviour == data.behaviour]
+    if not specs:
+        return {}
+    prov = specs[0].provenance
+    train, cross = str(prov["train_source"]), [str(c) for c in prov["cross_sources"]]
+    hook = specs[0].hook_point
+    mine = {s.name for s in specs}
+    scores = {k: v for k, v in score_labeled(ds, hook, data.tokens).items() if k in mine}
+    if data.behaviour == "refusal":
+        scores["refusal.phrase_match"] = phrase_scores(data.rows, refusal_phrases())
+    splits = np.array([split_of(r, train, cross) or "" for r in data.rows])
+    sample = sample_groups(data.rows, train, cross)
+    in_sample = np.array([r.group in sample for r in data.rows])
+    y = np.array([r.label for r in data.rows])
+    thresholds = {s.name: s.threshold for s in specs}
+    out: dict[str, dict[str, SplitMetrics]] = {}
+    for name, s in scores.items():
+        thr = thresholds.get(name, 0.5)
+        per = {sp: split_metrics(y[splits == sp], s[splits == sp], thr) for sp in sorted(set(splits) - {""})}
+        per["sample"] = split_metrics(y[in_sample], s[in_sample], thr)
+        out[name] = per
+    return out
+
+
+def build_detectors(
+    bundle_dir: Path,
+    cache_dir: Path,
+    load_model: Callable[[], Any],
+    behaviours: Sequence[str] = tuple(RECIPES),
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, dict[str, SplitMetrics]]]:
+    """Fit, write and evaluate the detectors of ``behaviours`` into the bundle at ``bundle_dir``."""
+    bundle = Bundle.load(bundle_dir)
+    sae = bundle.load_sae()
+    hook = bundle.hook_points[0].name
+    specs, probes, latents = [], {}, set()
+    labeled = {}
+    for beh in behaviours:
+        cfg = replace(RECIPES[beh], hook_point=hook)
+        labeled[beh] = load_labeled(beh, hook, cache_dir, load_model)
+        log(f"{beh}: fitting on {cfg.train_source} ({len(labeled[beh].rows)} rows in the file)")
+        fitted = fit_behaviour(cfg, labeled[beh].rows, labeled[beh].tokens, sae, log=log)
+        data_sha = hashlib.sha256((DATA / f"{beh}.jsonl").read_bytes()).hexdigest()
+        for s in fitted.specs:
+            prov = {**s.provenance, "data": f"data/detectors/{beh}.jsonl", "data_sha256": data_sha}
+            prov["created"] = _dt.date.today().isoformat()
+            prov["command"] = "monitor train-detectors"
+            specs.append(replace(s, provenance=prov))
+        probes.update(fitted.probes)
+        latents.update(fitted.latents)
+    save_probe_weights(bundle_dir / WEIGHTS_FILE, probes)
+    _write_feature_reports(bundle, sorted(latents))
+    write_manifest_detectors(bundle_dir, [s.to_dict() for s in specs])
+    ds = DetectorSet.from_bundle(Bundle.load(bundle_dir), sae)
+    results = {beh: evaluate_behaviour(ds, labeled[beh]) for beh in behaviours}
+    entries = []
+    for s in ds.specs:
+        figures = results[s.behaviour][s.name]
+        entries.append({**s.to_dict(), "metrics": {k: v.to_dict() for k, v in figures.items()}})
+    write_manifest_detectors(bundle_dir, entries)
+    return results
+
+
+def evaluate_bundle(
+    bundle: Bundle, cache_dir: Path, load_model: Callable[[], Any]
+) -> dict[str, dict[str, dict[str, SplitMetrics]]]:
+    """Re-score every held-out split of a shipped bundle through the serving code."""
+    ds = DetectorSet.from_bundle(bundle)
+    behaviours = sorted({s.behaviour for s in ds.specs})
+    hook = ds.specs[0].hook_point if ds.specs else bundle.hook_points[0].name
+    return {b: evaluate_behaviour(ds, load_labeled(b, hook, cache_dir, load_model)) for b in behaviours}
+
+
+def compare_with_manifest(
+    bundle: Bundle, results: Mapping[str, Mapping[str, Mapping[str, SplitMetrics]]], tolerance: float = 0.01
+) -> list[str]:
+    """Differences larger than ``tolerance`` between measured and recorded AUROC (empty when they agree)."""
+    problems = []
+    recorded = {e["name"]: e.get("metrics", {}) for e in bundle.raw.get("detectors") or []}
+    for per_det in results.values():
+        for name, splits in per_det.items():
+            for split, m in splits.items():
+                want = recorded.get(name, {}).get(split, {}).get("auroc")
+                if want is not None and abs(m.auroc - want) > tolerance:
+                    problems.append(f"{name} {split}: AUROC {m.auroc:.4f}, bundle records {want:.4f}")
+    return problems
+
+
+def _write_feature_reports(bundle: Bundle, latents: Sequence[int]) -> None:
+    from monitor.sae._analysis import load_reports
+
+    assert bundle.path is not None and bundle.sae_path is not None
+    reports = load_reports(bundle.sae_path)
+    out = {}
+    for lat in latents:
+        r = reports.get(lat)
+        if r is None:
+            continue
+        out[str(lat)] = {
+            "label": r.label,
+            "example": r.top_examples[0].context if r.top_examples else "",
+            "frequency": r.frequency,
+            "top_examples": [e.context for e in r.top_examples],
+        }
+    (bundle.path / FEATURES_FILE).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_manifest_detectors(bundle_dir: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace the ``detectors:`` section of ``bundle.yaml``, keeping everything above it verbatim."""
+    path = bundle_dir / "bundle.yaml"
+    text = path.read_text()
+    head = text.split("\ndetectors:", 1)[0].rstrip() + "\n"
+    body = yaml.safe_dump({"detectors": _plain(entries)}, sort_keys=False, width=110, allow_unicode=True)
+    note = "# Written by `monitor train-detectors`; figures re-measured by `monitor evaluate`.\n"
+    path.write_text(head + note + body)
+
+
+def _plain(x: Any) -> Any:
+    """Numpy scalars -> Python, floats rounded, so the manifest stays readable."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    return x
+
+
+__all__ = [
+    "GOALS",
+    "RECIPES",
+    "LabeledTokens",
+    "ProbeWeights",
+    "build_detectors",
+    "compare_with_manifest",
+    "evaluate_behaviour",
+    "evaluate_bundle",
+    "load_labeled",
+    "sample_groups",
+    "split_of",
+    "write_manifest_detectors",
+]

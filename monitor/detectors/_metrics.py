@@ -1,0 +1,96 @@
+"""Detection metrics: AUROC, recall at a false-positive rate, rates at a fixed threshold.
+
+Implemented here (not sklearn) because the server-side evaluation and the tests use them without
+the dev extras; the unit tests check them against sklearn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half); NaN when one class is missing.
+
+    >>> round(auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])), 3)
+    0.75
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    # average ranks over ties
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def threshold_at_fpr(negative_scores: np.ndarray, fpr: float) -> float:
+    """The smallest score threshold whose false-positive rate on these negatives is at most ``fpr``.
+
+    A score fires when ``score >= threshold``.
+
+    >>> threshold_at_fpr(np.arange(100.0), 0.01)
+    99.0
+    """
+    s = np.sort(np.asarray(negative_scores, dtype=np.float64))
+    allowed = int(np.floor(fpr * len(s)))  # negatives allowed at or above the threshold
+    if allowed >= len(s):
+        return float(s[0])
+    if allowed == 0:
+        return float(np.nextafter(s[-1], np.inf))
+    cand = s[len(s) - allowed]
+    if len(s) - np.searchsorted(s, cand, "left") > allowed:  # ties at cand: go strictly above them
+        cand = np.nextafter(cand, np.inf)
+    return float(cand)
+
+
+def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> float:
+    """Fraction of positives caught at the threshold that keeps this set's FPR at most ``fpr``."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if not y.any() or y.all():
+        return float("nan")
+    return float((s[y] >= threshold_at_fpr(s[~y], fpr)).mean())
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Figures of one detector on one labeled split."""
+
+    n: int
+    positives: int
+    auroc: float
+    recall_at_1pct_fpr: float
+    fpr_at_threshold: float  # with the bundle's shipped threshold
+    recall_at_threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def split_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> SplitMetrics:
+    """All figures the model card reports for one (detector, split)."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    fired = s >= threshold
+    return SplitMetrics(
+        n=len(y),
+        positives=int(y.sum()),
+        auroc=auroc(y, s),
+        recall_at_1pct_fpr=recall_at_fpr(y, s, 0.01),
+        fpr_at_threshold=float(fired[~y].mean()) if (~y).any() else float("nan"),
+        recall_at_threshold=float(fired[y].mean()) if y.any() else float("nan"),
+    )

@@ -1,0 +1,136 @@
+"""The default bundle's detectors, served by a real sidecar over gRPC, on real model activations.
+
+The fixed sample (``sample_groups``: the first groups by hash of every held-out split) is run
+teacher-forced through the default model, each response is scored with ``Score`` on a server on
+127.0.0.1, and the AUROC of every detector on the sample must reproduce the figure the bundle
+records (``metrics.sample.auroc``) within ``AUROC_TOLERANCE``. Scores must equal the in-process
+``DetectorSet`` to ``SCORE_TOLERANCE`` (activations are recomputed in different batches, so
+padding changes them by ~1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.client import Generation, MonitorClient
+from monitor.detectors import Bundle, DetectorSet
+from monitor.detectors._activations import LabeledRow, load_rows, response_activations, response_tokens
+from monitor.detectors._evaluate import sample_groups
+from monitor.detectors._metrics import auroc
+from monitor.models import load_default_model
+from tests.conftest import MODEL, ServerThread, sample
+
+AUROC_TOLERANCE = 0.02
+SCORE_TOLERANCE = 2e-3
+
+Sample = dict[str, tuple[list[LabeledRow], list[np.ndarray]]]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return Bundle.load()
+
+
+@pytest.fixture(scope="module")
+def fixed_sample(bundle: Bundle) -> Sample:
+    ds = DetectorSet.from_bundle(bundle)
+    model, tok = load_default_model()
+    out: Sample = {}
+    for beh in sorted({s.behaviour for s in ds.specs}):
+        spec = next(s for s in ds.specs if s.behaviour == beh)
+        rows = load_rows(beh)
+        keep = sample_groups(rows, spec.provenance["train_source"], spec.provenance["cross_sources"])
+        rows = [r for r in rows if r.group in keep]
+        acts = response_activations(model, tok, rows, spec.hook_point, progress=False)
+        out[beh] = (rows, [response_tokens(a) for a in acts])
+    return out
+
+
+def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    kinds = {(s.behaviour, s.kind) for s in ds.specs}
+    assert kinds == {
+        (b, k) for b in ("deception", "sycophancy", "refusal") for k in ("sae_probe", "linear_probe", "ensemble")
+    }
+    for s in ds.specs:
+        assert s.target_fpr == 0.01 and "sample" in s.metrics and "validation" in s.metrics
+    for d in ds.runtime:  # at most 32 SAE latents per SAE probe
+        if d.spec.kind == "sae_probe":
+            assert 0 < d.n_latent_cols <= 32
+
+
+def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bundle, fixed_sample: Sample) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    hook = bundle.hook_points[0].name
+    recorded = {s.name: s.metrics["sample"]["auroc"] for s in ds.specs}
+    fired = 0
+    with MonitorClient(sidecar.target) as client:
+        for beh, (rows, tokens) in fixed_sample.items():
+            served: dict[str, list[float]] = {}
+            for i, (row, t) in enumerate(zip(rows, tokens, strict=True)):
+                reply = client.score(
+                    Generation(f"{beh}-{i}", MODEL, prompt=row.prompt, output=row.response, activations={hook: t})
+                )
+                local = {r.name: r.score for r in ds.score(hook, t)}
+                for d in reply.detectors:
+                    served.setdefault(d.detector, []).append(d.score)
+                    assert d.score == pytest.approx(local[d.detector], abs=1e-6)  # the wire adds nothing
+                    assert d.fired == (d.score >= d.threshold)
+                    assert 0.0 <= d.probability <= 1.0
+                    fired += d.fired
+                    if d.fired and d.detector.endswith("sae_probe"):
+                        assert d.top_features and d.top_features[0].label  # an alert explains itself
+            y = np.array([r.label for r in rows])
+            for name, scores in served.items():
+                got = auroc(y, np.array(scores))
+                assert abs(got - recorded[name]) <= AUROC_TOLERANCE, f"{name}: {got:.4f} vs recorded {recorded[name]}"
+    assert fired > 0
+    m = sidecar.metrics()
+    assert sample(m, "safety_monitor_generations_scored_total", rpc="Score") == sum(
+        len(r) for r, _ in fixed_sample.values()
+    )
+    assert sum(v for (name, _), v in m.items() if name == "safety_monitor_detector_fired_total") == fired
+
+
+def test_projected_mode_matches_full_activations(sidecar: ServerThread, fixed_sample: Sample) -> None:
+    _rows, tokens = fixed_sample["deception"]
+    with MonitorClient(sidecar.target) as client:
+        catalog = client.get_detectors()
+        hp = catalog.hook_points[0]
+        assert hp.encoder_slice is not None
+        sl = hp.encoder_slice
+        assert len(sl.latent_ids) <= 3 * 32 and sl.dense_columns == 3 and sl.width == len(sl.latent_ids) + 3
+        assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble"}
+        for i in range(4):
+            full = client.score(Generation(f"f{i}", MODEL, activations={hp.name: tokens[i]}))
+            proj = client.score(
+                Generation(f"p{i}", MODEL, activations={hp.name: sl.project(tokens[i])}, projected=True)
+            )
+            a = {d.detector: d.score for d in full.detectors}
+            b = {d.detector: d.score for d in proj.detectors}
+            assert b == pytest.approx(a, abs=SCORE_TOLERANCE)
+            assert proj.hook_stats[0].tokens == len(tokens[i])
+
+
+def test_stream_halts_on_the_critical_detector(sidecar: ServerThread, bundle: Bundle, fixed_sample: Sample) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    critical = [s for s in ds.specs if s.critical]
+    assert critical, "the default bundle marks a critical detector"
+    hook = bundle.hook_points[0].name
+    rows, tokens = fixed_sample[critical[0].behaviour]
+    by_score = sorted(range(len(rows)), key=lambda i: -ds.score(hook, tokens[i])[0].score)
+    scores = {i: {r.name: r for r in ds.score(hook, tokens[i])}[critical[0].name] for i in by_score}
+    top = next(i for i in by_score if scores[i].fired)
+    low = next(i for i in reversed(by_score) if not scores[i].fired and scores[i].recent_score < scores[i].threshold)
+    with MonitorClient(sidecar.target) as client:
+        for i, expect in ((top, True), (low, False)):
+            with client.stream(f"s{i}", MODEL, prompt=rows[i].prompt) as s:
+                t = tokens[i]
+                verdicts = [s.send({hook: t[j : j + 4]}) for j in range(0, len(t) - 4, 4)]
+                verdicts.append(s.send({hook: t[len(verdicts) * 4 :]}, final=True))
+            assert verdicts[-1].halt is expect
+            final = {d.detector: d for d in verdicts[-1].detectors}
+            assert final[critical[0].name].score == pytest.approx(scores[i].score, abs=1e-5)
+            if expect:
+                assert critical[0].name in verdicts[-1].reason

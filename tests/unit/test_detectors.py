@@ -1,0 +1,190 @@
+"""Detector scoring on a small synthetic bundle: every kind against a numpy reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from monitor.detectors import Bundle, BundleError, DetectorSet
+from monitor.detectors._metrics import auroc, recall_at_fpr, threshold_at_fpr
+from monitor.detectors._scoring import ProbeWeights, save_probe_weights
+from monitor.pipeline import ActivationInput, ChunkInput, Pipeline, ScoreInput
+from monitor.sae import SAE, SAEConfig, save
+from monitor.tensors import encode
+
+D, D_SAE, HOOK = 16, 32, "blocks.3.hook_resid_post"
+rng = np.random.default_rng(7)
+LATENTS = np.array([1, 5, 7, 20])
+
+
+def _sae() -> SAE:
+    w = {
+        "W_enc": rng.normal(size=(D, D_SAE)).astype(np.float32) / 4,
+        "b_enc": rng.normal(size=D_SAE).astype(np.float32) / 4,
+        "W_dec": rng.normal(size=(D_SAE, D)).astype(np.float32),
+        "b_dec": rng.normal(size=D).astype(np.float32) / 4,
+    }
+    cfg = SAEConfig(D, D_SAE, hook_point=HOOK, model_id="tiny")
+    return SAE.from_state(cfg, {k: torch.from_numpy(v) for k, v in w.items()})
+
+
+SAE_W = rng.normal(size=len(LATENTS)).astype(np.float32)
+LIN_W = rng.normal(size=D).astype(np.float32) / 3
+
+
+def _entry(name: str, kind: str, aggregation: str, **extra: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "behaviour": "deception",
+        "kind": kind,
+        "hook_point": HOOK,
+        "aggregation": aggregation,
+        "threshold": 0.1,
+        "target_fpr": 0.01,
+        "calibration": {"slope": 2.0, "intercept": -0.5},
+        **extra,
+    }
+
+
+def write_bundle(folder: Path, entries: list[dict[str, object]] | None = None) -> Path:
+    save(_sae(), folder / "sae")
+    manifest = {
+        "format_version": 1,
+        "name": "tiny",
+        "version": "0",
+        "model": "tiny-model",
+        "hook_points": [{"name": HOOK, "layer": 3, "d_model": D}],
+        "sae": {"path": "sae"},
+        "detectors": entries
+        if entries is not None
+        else [
+            _entry("d.sae", "sae_probe", "mean"),
+            _entry("d.lin", "linear_probe", "mean"),
+            _entry("d.ens", "ensemble", "max", members={"d.sae": 0.7, "d.lin": 0.5}, bias=-0.2, critical=True),
+        ],
+    }
+    (folder / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    save_probe_weights(
+        folder / "detectors.safetensors",
+        {"d.sae": ProbeWeights(SAE_W, 0.3, LATENTS), "d.lin": ProbeWeights(LIN_W, -0.1)},
+    )
+    return folder
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Bundle:
+    return Bundle.load(write_bundle(tmp_path))
+
+
+def reference(bundle: Bundle, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token scores computed the slow way: full SAE encode, then the probes."""
+    z = bundle.load_sae().encode(torch.from_numpy(x)).numpy()
+    s_sae = z[:, LATENTS] @ SAE_W + 0.3
+    s_lin = x @ LIN_W - 0.1
+    return {"d.sae": s_sae, "d.lin": s_lin, "d.ens": 0.7 * s_sae + 0.5 * s_lin - 0.2}
+
+
+def test_each_kind_matches_the_full_encode_reference(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    x = rng.normal(size=(9, D)).astype(np.float32)
+    ref = reference(bundle, x)
+    got = {r.name: r for r in ds.score(HOOK, x)}
+    assert got["d.sae"].score == pytest.approx(ref["d.sae"].mean(), abs=1e-5)
+    assert got["d.lin"].score == pytest.approx(ref["d.lin"].mean(), abs=1e-5)
+    assert got["d.ens"].score == pytest.approx(ref["d.ens"].max(), abs=1e-5)
+    for r in got.values():
+        assert r.fired == (r.score >= 0.1)
+        assert r.probability == pytest.approx(1 / (1 + np.exp(-(2.0 * r.score - 0.5))))
+    # contributions: mean latent activation x weight, positive ones, largest first
+    z = bundle.load_sae().encode(torch.from_numpy(x)).numpy()[:, LATENTS].mean(0)
+    expected = sorted(((float(v), int(lat)) for lat, v in zip(LATENTS, z * SAE_W, strict=True) if v > 0), reverse=True)
+    assert [(round(c.contribution, 5), c.latent) for c in got["d.sae"].top_features] == [
+        (round(v, 5), lat) for v, lat in expected[:3]
+    ]
+
+
+def test_projected_mode_gives_the_same_scores(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    proj = ds.projection(HOOK)
+    assert proj is not None and proj.width == len(LATENTS) + 1 and proj.n_latents == len(LATENTS)
+    x = rng.normal(size=(5, D)).astype(np.float32)
+    full = {r.name: r.score for r in ds.score(HOOK, x)}
+    projected = {r.name: r.score for r in ds.score(HOOK, proj.project(x), projected=True)}
+    assert projected == pytest.approx(full, abs=1e-5)
+
+
+def test_stream_aggregation_equals_one_shot_and_ema_matches_a_loop(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    x = rng.normal(size=(23, D)).astype(np.float32)
+    running = ds.open_running()
+    for a, b in ((0, 4), (4, 5), (5, 17), (17, 23)):
+        running.update(HOOK, ds.features(HOOK, x[a:b]))  # type: ignore[arg-type]
+    streamed = {r.name: r for r in running.results()}
+    once = {r.name: r for r in ds.score(HOOK, x)}
+    for name in once:
+        assert streamed[name].score == pytest.approx(once[name].score, abs=1e-5)
+    s = reference(bundle, x)["d.lin"]
+    alpha = 1 - 0.5 ** (1 / 16)
+    e = s[0]
+    for v in s:
+        e += alpha * (v - e)
+    assert streamed["d.lin"].recent_score == pytest.approx(e, abs=1e-5)
+
+
+def test_pipeline_halts_a_stream_when_a_critical_detector_fires(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    ens = next(d for d in ds.runtime if d.spec.name == "d.ens")
+    p = Pipeline(bundle, detectors=ds)
+    # benign tokens first (far below the threshold), then tokens pushed along the ensemble's dense direction
+    direction = LIN_W / np.linalg.norm(LIN_W)
+    low = (-3 * direction + 0.01 * rng.normal(size=(6, D))).astype(np.float32)
+    high = (6 * direction + 0.01 * rng.normal(size=(6, D))).astype(np.float32)
+    assert float((ds.token_scores("d.ens", ds.features(HOOK, low)) >= ens.spec.threshold).mean()) < 1  # type: ignore[arg-type]
+    stream = p.open_stream()
+    v1 = stream.update(ChunkInput("r1", "tiny-model", activations=[ActivationInput(HOOK, encode(low))]))
+    v2 = stream.update(ChunkInput("r1", activations=[ActivationInput(HOOK, encode(high))]))
+    v3 = stream.update(ChunkInput("r1", activations=[ActivationInput(HOOK, encode(low))], final=True))
+    fired_first = {d.name for d in v1.detectors if d.fired}
+    if "d.ens" not in fired_first:
+        assert not v1.halt
+    assert v2.halt and v2.halted_now and "d.ens fired" in v2.reason
+    assert v3.halt and not v3.halted_now  # HALT is sticky and counted once
+    r = p.score(ScoreInput("r2", "tiny-model", activations=[ActivationInput(HOOK, encode(high))]))
+    assert r.flagged and {d.name for d in r.detectors} == {"d.sae", "d.lin", "d.ens"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([_entry("a", "svm", "mean")], "kind: expected one of"),
+        ([_entry("a", "linear_probe", "median")], "aggregation: expected one of"),
+        ([_entry("a", "ensemble", "mean")], "members: expected at least one member"),
+        ([_entry("a", "ensemble", "mean", members={"nope": 1.0})], "member 'nope' is not a probe"),
+        ([_entry("x", "linear_probe", "mean")], "expected weights for detector 'x'"),
+        ([{"name": "a", "kind": "linear_probe"}], "detectors[0]: missing or malformed key"),
+    ],
+)
+def test_bad_detector_entries_are_named(tmp_path: Path, entries: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(BundleError, match=message.replace("[", r"\[")):
+        DetectorSet.from_bundle(Bundle.load(write_bundle(tmp_path, entries)))
+
+
+def test_metrics_agree_with_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    y = rng.integers(0, 2, size=500)
+    s = np.round(rng.normal(size=500) + y, 1)  # rounding makes ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    neg = rng.normal(size=1000)
+    thr = threshold_at_fpr(neg, 0.01)
+    assert (neg >= thr).mean() <= 0.01
+    assert (neg >= np.nextafter(thr, -np.inf)).mean() > 0.0
+    ties = np.r_[np.zeros(990), np.ones(10) * 2.0]  # most negatives tied at 0: the threshold must go above them
+    assert (ties >= threshold_at_fpr(ties, 0.01)).mean() <= 0.01
+    assert recall_at_fpr(np.r_[np.zeros(1000), np.ones(5)], np.r_[ties, np.zeros(5)]) == 0.0
+    perfect = recall_at_fpr(np.r_[np.zeros(100), np.ones(10)], np.r_[np.zeros(100), np.ones(10)])
+    assert perfect == 1.0
