@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from monitor.client import MonitorClient
+from monitor.client import DetectorVerdict, MonitorClient
 from monitor.client._hooks import ResidualCapture
 from monitor.config import ServerConfig
 from monitor.detectors import Bundle
@@ -39,6 +40,7 @@ class Row:
     mean_norm: float
     chunk_ms: float
     advice: str
+    detectors: str
     output: str
 
 
@@ -105,9 +107,18 @@ def generate_monitored(
     return output, verdict, len(chunk_seconds), mean_ms
 
 
+def _detector_summary(detectors: Sequence[DetectorVerdict]) -> str:
+    """One cell: each behaviour's ensemble probability, '!' when it fired."""
+    parts = []
+    for d in detectors:
+        if d.detector.endswith(".ensemble"):
+            parts.append(f"{d.behaviour[:3]} {d.probability:.2f}{'!' if d.fired else ''}")
+    return " ".join(parts)
+
+
 def _table(rows: list[Row], target: str, metrics_url: str) -> Table:
     t = Table(title=f"safety monitor demo - sidecar {target}, metrics {metrics_url}", expand=True)
-    for col in ("#", "kind", "tokens", "chunks", "act |x| mean", "ms/chunk", "advice"):
+    for col in ("#", "kind", "tokens", "chunks", "act |x| mean", "ms/chunk", "advice", "ensemble P (! = fired)"):
         t.add_column(col, no_wrap=True)
     t.add_column("output", overflow="ellipsis", no_wrap=True, ratio=1)
     for r in rows[-20:]:
@@ -119,6 +130,7 @@ def _table(rows: list[Row], target: str, metrics_url: str) -> Table:
             f"{r.mean_norm:.1f}",
             f"{r.chunk_ms:.1f}",
             r.advice,
+            r.detectors,
             r.output.replace("\n", " ")[:80],
         )
     return t
@@ -137,6 +149,7 @@ def scrape_totals(metrics_port: int) -> dict[str, float]:
                 "safety_monitor_tokens_scored_total",
                 "safety_monitor_stream_chunks_total",
                 "safety_monitor_generations_scored_total",
+                "safety_monitor_detector_fired_total",
             ):
                 key = s.name + (
                     "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else ""
@@ -191,6 +204,7 @@ def run(ns: argparse.Namespace) -> int:
                         hs.mean_l2_norm if hs else 0.0,
                         chunk_ms,
                         "HALT" if verdict and verdict.halt else "continue",
+                        _detector_summary(verdict.detectors if verdict else ()),
                         output,
                     )
                 )

@@ -26,6 +26,8 @@ How to read it:
   from hyper-parameter choice and from calibration.
 - **cross:&lt;source&gt;**: a different source of the same behaviour, never used for fitting: the
   headline figure, since in-distribution validation says little about deployment.
+- **diagnostic:&lt;source&gt;**: scored and shown, but outside what the detector claims to detect
+  (see the behaviour's notes); not held to the goals.
 - **R@1%FPR**: recall at the threshold that gives 1 % false positives *on that split's own
   negatives*. **FPR@thr / recall@thr**: the rates with the bundle's shipped threshold (set at
   {fpr:.0%} FPR on out-of-fold negatives of the fitting part), i.e. what an operator will see.
@@ -65,16 +67,8 @@ def render_model_card(
         for sp in splits:
             a = {k: per_det.get(f"{beh}.{k}", {}).get(sp) for k in ("sae_probe", "linear_probe", "ensemble")}
             au = {k: (m.auroc if m else float("nan")) for k, m in a.items()}
-            goal = GOALS["validation_auroc"] if sp == "validation" else GOALS["cross_auroc"]
-            checks = [
-                f"ensemble AUROC ≥ {goal:.2f}: {'yes' if au['ensemble'] >= goal else 'no'}",
-                f"SAE within {GOALS['sae_gap']:.2f} of dense: "
-                + ("yes" if au["sae_probe"] >= au["linear_probe"] - GOALS["sae_gap"] else "no"),
-                "ensemble ≥ both: "
-                + ("yes" if au["ensemble"] >= max(au["sae_probe"], au["linear_probe"]) - 1e-9 else "no"),
-            ]
             row = f"| {beh} | {sp} | {_fmt(au['sae_probe'])} | {_fmt(au['linear_probe'])} | {_fmt(au['ensemble'])} "
-            lines.append(row + f"| {'; '.join(checks)} |")
+            lines.append(row + f"| {_goal_checks(sp, au)} |")
     lines.append("\nAUROC per cell. Details per behaviour follow.\n")
     for beh, per_det in results.items():
         lines.append(f"## {beh}\n")
@@ -117,6 +111,24 @@ def render_model_card(
         "`tests/integration/test_detectors_grpc.py` replays through a real gRPC server.\n"
     )
     return "\n".join(lines)
+
+
+def _goal_checks(split: str, au: Mapping[str, float]) -> str:
+    """The issue's goals for one (behaviour, split) row, with the measured gap when one is missed."""
+    if split.startswith("diagnostic:"):
+        return "diagnostic source, outside the detector's scope: no goal"
+    goal = GOALS["validation_auroc"] if split == "validation" else GOALS["cross_auroc"]
+    ens, sae, dense = au["ensemble"], au["sae_probe"], au["linear_probe"]
+    gap = dense - sae
+    best = max(sae, dense)
+    return "; ".join(
+        [
+            f"ensemble ≥ {goal:.2f}: " + ("yes" if ens >= goal else f"**no** ({ens - goal:+.3f})"),
+            f"SAE within {GOALS['sae_gap']:.2f} of dense: "
+            + ("yes" if gap <= GOALS["sae_gap"] else f"**no** (SAE {-gap:+.3f})"),
+            "ensemble ≥ both: " + ("yes" if ens >= best else f"**no** ({ens - best:+.4f})"),
+        ]
+    )
 
 
 def _kind_rank(name: str) -> int:

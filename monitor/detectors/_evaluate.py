@@ -28,7 +28,7 @@ from monitor.detectors._scoring import FEATURES_FILE, WEIGHTS_FILE, DetectorSet,
 # What the default bundle is fitted on: training source, and the sources kept out for the
 # cross-source test. Deception is marked critical: its ensemble firing asks streams to HALT.
 RECIPES: dict[str, FitConfig] = {
-    "deception": FitConfig("deception", "repe", ("truthfulqa_roleplay", "truthfulqa"), critical=True),
+    "deception": FitConfig("deception", "repe", ("truthfulqa_roleplay",), ("truthfulqa",), critical=True),
     "sycophancy": FitConfig("sycophancy", "truthfulqa_opinion", ("typology",)),
     "refusal": FitConfig("refusal", "refusal_direction", ("hh_rlhf_tqa",)),
 }
@@ -53,12 +53,16 @@ def load_labeled(
     return LabeledTokens(behaviour, rows, [response_tokens(a) for a in acts])
 
 
-def split_of(row: LabeledRow, train_source: str, cross_sources: Sequence[str]) -> str | None:
-    """``validation``, ``cross:<source>`` or None (a fitting row, or a source the detector ignores)."""
+def split_of(
+    row: LabeledRow, train_source: str, cross_sources: Sequence[str], diagnostic_sources: Sequence[str] = ()
+) -> str | None:
+    """``validation``, ``cross:<source>``, ``diagnostic:<source>`` or None (a fitting row, or ignored)."""
     if row.source == train_source:
         return "validation" if is_validation(row.group) else None
     if row.source in cross_sources:
         return f"cross:{row.source}"
+    if row.source in diagnostic_sources:
+        return f"diagnostic:{row.source}"
     return None
 
 
@@ -102,12 +106,13 @@ def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[s
         return {}
     prov = specs[0].provenance
     train, cross = str(prov["train_source"]), [str(c) for c in prov["cross_sources"]]
+    diagnostic = [str(c) for c in prov.get("diagnostic_sources", [])]
     hook = specs[0].hook_point
     mine = {s.name for s in specs}
     scores = {k: v for k, v in score_labeled(ds, hook, data.tokens).items() if k in mine}
     if data.behaviour == "refusal":
         scores["refusal.phrase_match"] = phrase_scores(data.rows, refusal_phrases())
-    splits = np.array([split_of(r, train, cross) or "" for r in data.rows])
+    splits = np.array([split_of(r, train, cross, diagnostic) or "" for r in data.rows])
     sample = sample_groups(data.rows, train, cross)
     in_sample = np.array([r.group in sample for r in data.rows])
     y = np.array([r.label for r in data.rows])

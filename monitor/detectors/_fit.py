@@ -29,7 +29,9 @@ def is_validation(group: str) -> bool:
     """Whether a group belongs to the held-out validation split (a fixed 20 % by hash).
 
     >>> is_validation("repe-0"), is_validation("repe-1")
-    (False, False)
+    (False, True)
+    >>> 0.18 < sum(is_validation(f"g-{i}") for i in range(10000)) / 10000 < 0.22
+    True
     """
     h = int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "little")
     return (h % 1000) < VALIDATION_FRACTION * 1000
@@ -42,6 +44,7 @@ class FitConfig:
     behaviour: str
     train_source: str
     cross_sources: tuple[str, ...]
+    diagnostic_sources: tuple[str, ...] = ()  # scored and reported, but outside the detector's scope
     hook_point: str = "blocks.16.hook_resid_post"
     folds: int = 5
     latent_counts: tuple[int, ...] = (8, 16, 32)
@@ -101,7 +104,8 @@ def l1_rank_latents(z: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     zs = (z[:, live] - z[:, live].mean(0)) / z[:, live].std(0)
     coef = np.zeros(len(live))
     for c in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
-        coef = LogisticRegression(penalty="l1", solver="liblinear", C=c, max_iter=2000).fit(zs, y).coef_[0]
+        clf = LogisticRegression(penalty="l1", solver="liblinear", C=c, max_iter=2000, random_state=0)
+        coef = clf.fit(zs, y).coef_[0]
         if np.count_nonzero(coef) >= k:
             break
     chosen = [int(live[i]) for i in np.argsort(-np.abs(coef), kind="stable") if coef[i] != 0][:k]
@@ -243,6 +247,7 @@ def fit_behaviour(
         "fit_positives": int(yf.sum()),
         "validation": f"groups of {cfg.train_source} with sha256(group) % 1000 < {int(VALIDATION_FRACTION * 1000)}",
         "cross_sources": list(cfg.cross_sources),
+        "diagnostic_sources": list(cfg.diagnostic_sources),
         "folds": cfg.folds,
     }
     for name, kind in kinds.items():

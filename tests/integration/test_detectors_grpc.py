@@ -83,6 +83,8 @@ def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bu
                         assert d.top_features and d.top_features[0].label  # an alert explains itself
             y = np.array([r.label for r in rows])
             for name, scores in served.items():
+                if not name.startswith(f"{beh}."):
+                    continue  # other behaviours' detectors also score these rows; their figures are elsewhere
                 got = auroc(y, np.array(scores))
                 assert abs(got - recorded[name]) <= AUROC_TOLERANCE, f"{name}: {got:.4f} vs recorded {recorded[name]}"
     assert fired > 0

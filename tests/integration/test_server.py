@@ -81,7 +81,8 @@ def test_get_detectors_describes_bundle(sidecar: ServerThread) -> None:
         cat = client.get_detectors()
     assert cat.model == MODEL and cat.bundle_name == "smollm2-135m-default"
     assert [(h.name, h.d_model, h.max_tokens) for h in cat.hook_points] == [(HOOK, 576, 8192)]
-    assert len(cat.detectors) == 9 and {d.behaviour for d in cat.detector_infos} == {"deception", "sycophancy", "refusal"}
+    assert len(cat.detectors) == 9
+    assert {d.behaviour for d in cat.detector_infos} == {"deception", "sycophancy", "refusal"}
     sl = cat.hook_points[0].encoder_slice
     assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 3
 
