@@ -25,6 +25,8 @@ def _serve(ns: argparse.Namespace) -> int:
             "metrics_port": ns.metrics_port,
             "bundle": ns.bundle,
             "log_level": ns.log_level,
+            "drift_state": ns.drift_state,
+            "drift_baseline": ns.drift_baseline,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -122,6 +124,41 @@ def _evaluate(ns: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _baseline(ns: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from monitor.drift import DriftConfig, DriftMonitor
+    from monitor.text import text_statistics
+
+    path = Path(ns.traffic)
+    if not path.is_file():
+        raise MonitorError(f"--traffic: expected a JSONL file of {{prompt, output}} rows, got {path}")
+    samples: dict[str, list[float]] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(tqdm(f, desc="baseline", unit=" rows"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                output, prompt = row["output"], row.get("prompt", "")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise MonitorError(f"{path}:{n}: expected a JSON object with 'output' (and 'prompt'): {exc}") from exc
+            for k, v in text_statistics(str(prompt), str(output)).items():
+                samples.setdefault(f"text.{k}", []).append(v)
+    if not samples:
+        raise MonitorError(f"{path}: no rows")
+    mon = DriftMonitor(DriftConfig(reference_size=ns.reference_events))
+    mon.set_reference(samples)
+    mon.save(ns.out)
+    rows = len(next(iter(samples.values())))
+    print(f"baseline of {rows} responses, {len(samples)} statistics -> {ns.out}")
+    print("use it with: monitor serve --drift-baseline", ns.out, "(detector metrics start from live traffic)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Safety-monitoring sidecar for LLM servers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -138,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", help="/metrics bind address (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, help="/metrics port (default 9464; 0 picks a free one)")
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
+    p.add_argument("--drift-state", help="file the drift state is saved to and restored from (survives restarts)")
+    p.add_argument("--drift-baseline", help="baseline file from `monitor baseline` (used when no state is saved)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 
@@ -207,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", default="docs/model-card.md", help="where to write the model card")
     p.add_argument("--notes", default="docs/model-card-notes.yaml", help="YAML {behaviour: markdown} added to the card")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p = sub.add_parser(
+        "baseline",
+        help="build a drift baseline file from a JSONL of traffic",
+        description="Compute the text statistics of every {prompt, output} row and store a reference "
+        "sample per statistic, for `monitor serve --drift-baseline`.",
+    )
+    p.set_defaults(func=_baseline)
+    p.add_argument("--traffic", required=True, help='JSONL, one {"prompt": ..., "output": ...} per line')
+    p.add_argument("--out", required=True, help="baseline file to write (JSON)")
+    p.add_argument("--reference-events", type=int, default=2000, help="reference sample size per statistic")
     demo.add_parser(sub)
     return parser
 

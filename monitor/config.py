@@ -38,6 +38,13 @@ class ServerConfig:
     bundle: detector bundle folder; None loads the embedded default.
     auth_token: when set, RPCs must send metadata ``authorization: Bearer <token>``.
     log_level: Python logging level name.
+    drift_state: file the drift engine's state (baseline + windows) is saved to and restored from;
+        None keeps it in memory only.
+    drift_baseline: baseline file from ``monitor baseline``; used when there is no saved state.
+        Without either, the first ``drift_reference_events`` events become the reference.
+    drift_reference_events: events per statistic in the reference sample.
+    drift_window_events: events per statistic in the sliding current window.
+    drift_save_seconds: how often the drift state is written to ``drift_state`` (and at shutdown).
     """
 
     host: str = "127.0.0.1"
@@ -53,18 +60,33 @@ class ServerConfig:
     bundle: str | None = None
     auth_token: str | None = None
     log_level: str = "INFO"
+    drift_state: str | None = None
+    drift_baseline: str | None = None
+    drift_reference_events: int = 2000
+    drift_window_events: int = 500
+    drift_save_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name}: expected 0..65535, got {value}")
-        for name in ("max_message_bytes", "workers", "max_in_flight", "max_tokens", "max_stream_tokens"):
+        for name in (
+            "max_message_bytes",
+            "workers",
+            "max_in_flight",
+            "max_tokens",
+            "max_stream_tokens",
+            "drift_reference_events",
+            "drift_window_events",
+        ):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {value}")
         if self.drain_seconds < 0:
             raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
+        if self.drift_save_seconds <= 0:
+            raise ConfigError(f"drift_save_seconds: expected > 0, got {self.drift_save_seconds}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
 

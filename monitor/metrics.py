@@ -7,15 +7,22 @@ bounded: rpc, gRPC status code, hook point, reason keyword - never ids or text.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from monitor.detectors import DetectorResult
+from monitor.drift import DriftMonitor
 from monitor.pipeline import ScoreResult, StreamVerdict
 
-__all__ = ["LATENCY_BUCKETS", "MonitorMetrics"]
+__all__ = ["LATENCY_BUCKETS", "STAT_BUCKETS", "DriftCollector", "MonitorMetrics"]
 
 PREFIX = "safety_monitor"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# One bucket layout for every text statistic (counts, rates per 100 words and ratios alike).
+STAT_BUCKETS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 1000, 2000, 5000)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 NORM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 RPCS = ("Score", "ScoreStream", "Ingest", "GetDetectors")
@@ -24,9 +31,12 @@ RPCS = ("Score", "ScoreStream", "Ingest", "GetDetectors")
 class MonitorMetrics:
     """The sidecar's metrics on one registry, plus the recorder that updates them."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, drift: DriftMonitor | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.drift = drift
         r = self.registry
+        if drift is not None:
+            r.register(DriftCollector(drift))
 
         # -- build ----------------------------------------------------------------------
         self.build_info = Gauge(
@@ -136,6 +146,20 @@ class MonitorMetrics:
             ["rpc"],
             registry=r,
         )
+        # -- text statistics and drift -------------------------------------------------------------
+        self.text_statistic = Histogram(
+            f"{PREFIX}_text_statistic",
+            "Per-response text statistics (see docs/drift.md for each stat); fleet drift is computed from these.",
+            ["stat"],
+            buckets=STAT_BUCKETS,
+            registry=r,
+        )
+        self.change_points = Counter(
+            f"{PREFIX}_drift_change_points_total",
+            "Change points (Page-Hinkley) detected per drift metric and direction.",
+            ["metric", "direction"],
+            registry=r,
+        )
         for rpc in RPCS:  # so rates exist (as 0) before the first request
             self.in_flight.labels(rpc)
             self.request_seconds.labels(rpc)
@@ -158,6 +182,14 @@ class MonitorMetrics:
             self.tokens.labels(hs.hook_point).inc(hs.tokens)
             self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
         self._record_detectors(rpc, result.detectors)
+        self._record_text(result.text_stats, result.change_points)
+
+    def _record_text(self, stats: Mapping[str, float], change_points: tuple[str, ...]) -> None:
+        for k, v in stats.items():
+            self.text_statistic.labels(k).observe(v)
+        for metric in change_points:
+            direction = self.drift.direction(metric) if self.drift is not None else ""
+            self.change_points.labels(metric, direction or "unknown").inc()
 
     def _record_detectors(self, rpc: str, results: tuple[DetectorResult, ...]) -> None:
         for d in results:
@@ -181,3 +213,41 @@ class MonitorMetrics:
             for hs in verdict.hook_stats:
                 self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
             self._record_detectors("ScoreStream", verdict.detectors)
+            self._record_text(verdict.text_stats, verdict.change_points)
+
+
+class DriftCollector(Collector):
+    """Computes drift gauges when Prometheus scrapes (the distances cost ~ms, so never per request)."""
+
+    def __init__(self, drift: DriftMonitor) -> None:
+        self.drift = drift
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        dist = GaugeMetricFamily(
+            f"{PREFIX}_drift",
+            "Distance of the current window from the reference, per drift metric and test (psi, ks, js, wasserstein).",
+            labels=["metric", "test"],
+        )
+        drifted = GaugeMetricFamily(
+            f"{PREFIX}_drift_alarm",
+            "1 when a metric's PSI is at or above the alarm level (0.25 by default).",
+            labels=["metric"],
+        )
+        ref = GaugeMetricFamily(
+            f"{PREFIX}_drift_reference_events",
+            "Events in a metric's reference sample (the reference is ready when this stops growing).",
+            labels=["metric"],
+        )
+        window = GaugeMetricFamily(
+            f"{PREFIX}_drift_window_events", "Events in a metric's current window.", labels=["metric"]
+        )
+        for r in self.drift.readings():
+            for test in ("psi", "ks", "js", "wasserstein"):
+                dist.add_metric([r.metric, test], getattr(r, test))
+            drifted.add_metric([r.metric], float(r.drifted))
+            ref.add_metric([r.metric], r.reference_events)
+            window.add_metric([r.metric], r.window_events)
+        yield from (dist, drifted, ref, window)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

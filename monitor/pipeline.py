@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.detectors import Bundle, DetectorResult, DetectorSet, HookPoint
+from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.tensors import WireTensor, decode, require_finite
+from monitor.text import text_statistics
 
 __all__ = [
     "ActivationInput",
@@ -102,6 +104,7 @@ class ScoreResult:
     seconds: float
     bytes_received: int
     detectors: tuple[DetectorResult, ...] = ()
+    change_points: tuple[str, ...] = ()  # drift metrics whose change detector fired on this event
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class StreamVerdict:
     seconds: float
     detectors: tuple[DetectorResult, ...] = ()
     halted_now: bool = False  # this chunk is the one that first advised HALT
+    change_points: tuple[str, ...] = ()  # on the final chunk: drift change points of this generation
 
 
 @dataclass
@@ -161,10 +165,25 @@ class Pipeline:
     (4, 12.0)
     """
 
-    def __init__(self, bundle: Bundle, limits: Limits | None = None, detectors: DetectorSet | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        limits: Limits | None = None,
+        detectors: DetectorSet | None = None,
+        drift: DriftMonitor | None = None,
+    ) -> None:
         self.bundle = bundle
         self.limits = limits or Limits()
         self.detectors = detectors if detectors is not None else DetectorSet.from_bundle(bundle)
+        self.drift = drift if drift is not None else DriftMonitor()
+
+    def observe(self, text_stats: Mapping[str, float], results: Sequence[DetectorResult]) -> tuple[str, ...]:
+        """Feed one finished generation to the drift engine; returns the metrics with a change point."""
+        values = {f"text.{k}": v for k, v in text_stats.items()}
+        for r in results:
+            values[f"detector.{r.name}.probability"] = r.probability
+            values[f"detector.{r.name}.fired"] = float(r.fired)
+        return tuple(self.drift.update(values))
 
     # -- finished generations -------------------------------------------------------------
     def score(self, req: ScoreInput) -> ScoreResult:
@@ -199,15 +218,18 @@ class Pipeline:
                 running.update(hp.name, feats)
             nbytes += len(block.tensor.data)
         results = tuple(running.results())
+        stats = text_statistics(req.prompt, req.output)
+        changes = self.observe(stats, results)
         return ScoreResult(
             request_id=req.request_id,
             model=req.model,
             hook_stats=tuple(a.stats() for a in accs.values()),
-            text_stats=_text_stats(req.prompt, req.output),
+            text_stats=stats,
             flagged=any(r.fired for r in results),
             seconds=time.perf_counter() - start,
             bytes_received=nbytes,
             detectors=results,
+            change_points=changes,
         )
 
     # -- running generations --------------------------------------------------------------
@@ -332,6 +354,12 @@ class StreamScorer:
         output = "".join(self._output_parts)
         self._output_parts = [output]
         results = tuple(self._running.results())
+        changes: tuple[str, ...] = ()
+        if chunk.final:  # full statistics once, on the whole output; chunks get the cheap ones
+            stats = text_statistics(self._prompt, output)
+            changes = self._p.observe(stats, results)
+        else:
+            stats = {"output_chars": float(len(output)), "prompt_chars": float(len(self._prompt))}
         halted_now = False
         if not self.halted:
             self.halted = _halt_reason(results)
@@ -344,13 +372,14 @@ class StreamScorer:
             new_tokens=new_tokens,
             new_bytes=nbytes,
             hook_stats=tuple(a.stats() for a in self._accs.values()),
-            text_stats=_text_stats(self._prompt, output),
+            text_stats=stats,
             halt=bool(self.halted),
             reason=self.halted,
             final=chunk.final,
             seconds=time.perf_counter() - start,
             detectors=results,
             halted_now=halted_now,
+            change_points=changes,
         )
 
 
@@ -393,12 +422,3 @@ def _check_identity(request_id: str, model: str, labels: Mapping[str, str], bund
 def _check_text(name: str, text: str) -> None:
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidInput(name, f"at most {MAX_TEXT_CHARS} characters", f"{len(text)} characters", reason="text_size")
-
-
-def _text_stats(prompt: str, output: str) -> dict[str, float]:
-    """Basic length statistics; the text-statistics stage replaces this with the full set."""
-    return {
-        "prompt_chars": float(len(prompt)),
-        "output_chars": float(len(output)),
-        "output_words": float(len(output.split())),
-    }

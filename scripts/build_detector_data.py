@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from monitor.text import load_lexicon
+
 ROOT = Path(__file__).resolve().parent.parent
 # RepE's persona instruction plus four paraphrases each, so a probe cannot key on one wording.
 HONEST = [
@@ -157,7 +159,7 @@ def refusal(out: Path, rng: random.Random) -> list[dict[str, object]]:
         raise SystemExit(f"{answers_path} is missing: run scripts/generate_model_responses.py first")
     answers = {r["group"]: r["response"] for r in map(json.loads, answers_path.read_text().splitlines())}
     styles = yaml.safe_load((out / "refusal_styles.yaml").read_text())
-    phrases = refusal_phrases(out)
+    phrases = load_lexicon("refusal")
     rows = []
     dropped = 0
     for i, p in enumerate(prompts):
@@ -172,12 +174,6 @@ def refusal(out: Path, rng: random.Random) -> list[dict[str, object]]:
             rows.append(_row("refusal", p["source"], p["group"], p["prompt"], " ".join(x for x in parts if x), 1))
     print(f"refusal: dropped {dropped} model answers that already contain a refusal phrase")
     return rows
-
-
-def refusal_phrases(folder: Path) -> list[str]:
-    """The phrase list in ``refusal_phrases.txt`` (lower case, comments dropped)."""
-    lines = (folder / "refusal_phrases.txt").read_text().splitlines()
-    return [x.strip().lower() for x in lines if x.strip() and not x.startswith("#")]
 
 
 def refusal_prompts(d: Path, rng: random.Random) -> list[dict[str, object]]:

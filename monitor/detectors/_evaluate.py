@@ -24,6 +24,7 @@ from monitor.detectors._bundle import Bundle
 from monitor.detectors._fit import FitConfig, fit_behaviour, is_validation
 from monitor.detectors._metrics import SplitMetrics, split_metrics
 from monitor.detectors._scoring import FEATURES_FILE, WEIGHTS_FILE, DetectorSet, ProbeWeights, save_probe_weights
+from monitor.text import load_lexicon
 
 # What the default bundle is fitted on: training source, and the sources kept out for the
 # cross-source test. Deception is marked critical: its ensemble firing asks streams to HALT.
@@ -84,12 +85,6 @@ def phrase_scores(rows: Sequence[LabeledRow], phrases: Sequence[str]) -> np.ndar
     return np.array([sum(p in r.response.lower() for p in phrases) for r in rows], dtype=np.float64)
 
 
-def refusal_phrases(data: Path = DATA) -> list[str]:
-    """The lexicon in ``data/detectors/refusal_phrases.txt``."""
-    lines = (data / "refusal_phrases.txt").read_text().splitlines()
-    return [x.strip().lower() for x in lines if x.strip() and not x.startswith("#")]
-
-
 def score_labeled(ds: DetectorSet, hook_point: str, tokens: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Each detector's served score for every row (exactly what ``Score`` returns)."""
     out: dict[str, list[float]] = {}
@@ -111,7 +106,7 @@ def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[s
     mine = {s.name for s in specs}
     scores = {k: v for k, v in score_labeled(ds, hook, data.tokens).items() if k in mine}
     if data.behaviour == "refusal":
-        scores["refusal.phrase_match"] = phrase_scores(data.rows, refusal_phrases())
+        scores["refusal.phrase_match"] = phrase_scores(data.rows, load_lexicon("refusal"))
     splits = np.array([split_of(r, train, cross, diagnostic) or "" for r in data.rows])
     sample = sample_groups(data.rows, train, cross)
     in_sample = np.array([r.group in sample for r in data.rows])

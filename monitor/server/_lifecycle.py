@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,8 @@ from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.config import ServerConfig
 from monitor.detectors import Bundle
+from monitor.drift import DriftConfig, DriftMonitor
+from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
@@ -38,10 +41,14 @@ class SidecarServer:
     def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
         self.config = config
         self.bundle = bundle if bundle is not None else Bundle.load(config.bundle)
-        self.metrics = MonitorMetrics()
+        self.drift = load_drift(config)
+        self.metrics = MonitorMetrics(drift=self.drift)
         self.pipeline = Pipeline(
-            self.bundle, Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens)
+            self.bundle,
+            Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens),
+            drift=self.drift,
         )
+        self._saver: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
@@ -77,6 +84,8 @@ class SidecarServer:
         self.metrics_port = int(self._http.server_port)
         await server.start()
         self._server = server
+        if cfg.drift_state:
+            self._saver = asyncio.get_running_loop().create_task(self._save_drift_periodically())
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -103,10 +112,47 @@ class SidecarServer:
             self._http.server_close()
             self._http = None
         self._executor.shutdown(wait=True)
+        if self._saver is not None:
+            self._saver.cancel()
+            self._saver = None
+        self.save_drift()
+
+    def save_drift(self) -> None:
+        """Write the drift state to ``drift_state`` (no-op when none is configured)."""
+        if self.config.drift_state:
+            self.drift.save(self.config.drift_state)
+
+    async def _save_drift_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.drift_save_seconds)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.save_drift)
+            except OSError as exc:  # a full disk must not take the sidecar down
+                log.warning("drift_state: could not save to %s: %s", self.config.drift_state, exc)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def load_drift(config: ServerConfig) -> DriftMonitor:
+    """The drift engine: the saved state if there is one, else the baseline file, else empty."""
+    dcfg = DriftConfig(reference_size=config.drift_reference_events, window_size=config.drift_window_events)
+    if config.drift_state and Path(config.drift_state).is_file():
+        try:
+            mon = DriftMonitor.load(config.drift_state, dcfg)
+        except ValueError as exc:
+            raise ConfigError(f"drift_state: {exc}") from exc
+        log.info("drift: restored state from %s (%d events seen)", config.drift_state, mon.events)
+        return mon
+    if config.drift_baseline:
+        try:
+            base = DriftMonitor.load(config.drift_baseline, dcfg)
+        except ValueError as exc:
+            raise ConfigError(f"drift_baseline: {exc}") from exc
+        log.info("drift: reference from baseline %s (%d metrics)", config.drift_baseline, len(base.metrics))
+        return base
+    return DriftMonitor(dcfg)
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from monitor.detectors._activations import DATA, LabeledRow, load_rows, response_activations
+from monitor.detectors._activations import LabeledRow, load_rows, response_activations
 from monitor.models import load_default_model
+from monitor.text import load_lexicon
 
 HOOK = "blocks.16.hook_resid_post"
 
@@ -46,7 +47,7 @@ def test_shipped_labeled_sets_are_grouped_and_balanced() -> None:
     refusal = load_rows("refusal")
     assert {r.source for r in refusal} == {"refusal_direction", "hh_rlhf_tqa"}
     # labels by construction: written refusals are 1, the model's own (non-refusing) answers 0
-    phrases = [p for p in (DATA / "refusal_phrases.txt").read_text().splitlines() if p and not p.startswith("#")]
+    phrases = load_lexicon("refusal")
     for r in refusal:
         if r.label == 0:
             assert not any(p in r.response.lower() for p in phrases), r.response

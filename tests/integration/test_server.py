@@ -41,7 +41,7 @@ def test_score_round_trip(sidecar: ServerThread) -> None:
     (hs,) = reply.hook_stats
     assert hs.hook_point == HOOK and hs.tokens == 12
     assert hs.mean_l2_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
-    assert reply.text_stats["output_words"] == 3
+    assert reply.text_stats["words"] == 3
     assert reply.server_seconds > 0
     assert len(reply.detectors) == 9 and reply.flagged == any(d.fired for d in reply.detectors)
 

@@ -33,7 +33,7 @@ def test_stats_match_numpy(pipeline: Pipeline) -> None:
     assert r.hook_stats[0].tokens == 9
     assert r.hook_stats[0].mean_l2_norm == pytest.approx(norms.mean(), rel=1e-6)
     assert r.hook_stats[0].max_l2_norm == pytest.approx(norms.max(), rel=1e-6)
-    assert r.text_stats["output_words"] == 3 and r.bytes_received == 9 * 576 * 4
+    assert r.text_stats["words"] == 3 and r.bytes_received == 9 * 576 * 4
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_stream_accumulates_and_bounds_tokens(pipeline: Pipeline) -> None:
     s.update(ChunkInput(text_delta=" wide", activations=[ActivationInput(HOOK, encode(chunks[1]))]))
     v = s.update(ChunkInput(text_delta=" world", activations=[ActivationInput(HOOK, encode(chunks[2]))], final=True))
     allrows = np.concatenate(chunks)
-    assert v.tokens_seen == 13 and v.final and v.text_stats["output_words"] == 3
+    assert v.tokens_seen == 13 and v.final and v.text_stats["words"] == 3
     assert v.hook_stats[0].mean_l2_norm == pytest.approx(np.linalg.norm(allrows, axis=1).mean(), rel=1e-6)
     with pytest.raises(InvalidInput, match="final"):
         s.update(ChunkInput(text_delta="more"))
