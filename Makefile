@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PYTHON) bench/grpc_score.py
 	$(PYTHON) bench/sae_encode.py
 	$(PYTHON) bench/score.py
+	$(PYTHON) bench/text_stats.py
 
 # Refit the default bundle's detectors on data/detectors/ (about 15 min: activations are cached in
 # runs/detector-acts), then re-measure them and rewrite docs/model-card.md.

@@ -4,7 +4,7 @@
 files in ``monitor/assets/lexicons/``.
 """
 
-from monitor.text._lexicons import load_lexicon, load_words, phrase_pattern
+from monitor.text._lexicons import PhraseIndex, load_lexicon, load_words, phrase_index
 from monitor.text._stats import STATISTICS, text_statistics
 
-__all__ = ["STATISTICS", "load_lexicon", "load_words", "phrase_pattern", "text_statistics"]
+__all__ = ["STATISTICS", "PhraseIndex", "load_lexicon", "load_words", "phrase_index", "text_statistics"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from monitor.text._lexicons import load_lexicon, load_words, phrase_pattern
+from monitor.text._lexicons import WORD, load_words, phrase_index
 
 STATISTICS: dict[str, str] = {
     "tokens": "word and punctuation tokens (\\w+ or one non-space symbol); not the model's tokenizer",
@@ -38,7 +38,7 @@ STATISTICS: dict[str, str] = {
 }
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)*")
+_WORD = WORD
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _BULLET = re.compile(r"^[ \t]*[-*•][ \t]+\S", re.M)
 _NUMBERED = re.compile(r"^[ \t]*\d{1,3}[.)][ \t]+\S", re.M)
@@ -49,20 +49,6 @@ _EMOJI = re.compile(
     "\U0001fa70-\U0001faff\u2600-\u26ff\u2700-\u27bf\U0001f1e6-\U0001f1ff]"
 )
 _LINK = re.compile(r"\[[^\]\n]+\]\([^)\s]+\)|https?://\S+")
-_PATTERNS: dict[str, re.Pattern[str]] = {}
-
-
-def _pattern(name: str) -> re.Pattern[str]:
-    if name not in _PATTERNS:
-        _PATTERNS[name] = phrase_pattern(load_lexicon(name))
-    return _PATTERNS[name]
-
-
-def _opener_pattern() -> re.Pattern[str]:
-    if "opener" not in _PATTERNS:
-        body = _pattern("agreement_openers").pattern
-        _PATTERNS["opener"] = re.compile(r"^\W{0,3}" + body, re.IGNORECASE)
-    return _PATTERNS["opener"]
 
 
 def text_statistics(prompt: str, output: str) -> dict[str, float]:
@@ -73,7 +59,7 @@ def text_statistics(prompt: str, output: str) -> dict[str, float]:
     (6.0, 2.0, 1.0, 16.666666666666668)
     """
     text = output.replace("\u2019", "'")
-    words = [w.lower() for w in _WORD.findall(text)]
+    words = _WORD.findall(text.lower())
     n_words = len(words)
     per100 = 100.0 / n_words if n_words else 0.0
     sentences = [s for s in _SENTENCE_SPLIT.split(text.strip()) if _WORD.search(s)]
@@ -86,8 +72,8 @@ def text_statistics(prompt: str, output: str) -> dict[str, float]:
         "mean_sentence_length": n_words / len(sentences) if sentences else 0.0,
         "type_token_ratio": len(set(words)) / n_words if n_words else 0.0,
         "repeated_ngram_rate": repeats / len(trigrams) if trigrams else 0.0,
-        "hedge_rate": len(_pattern("hedges").findall(text)) * per100,
-        "filler_rate": len(_pattern("fillers").findall(text)) * per100,
+        "hedge_rate": phrase_index("hedges").count(words) * per100,
+        "filler_rate": phrase_index("fillers").count(words) * per100,
         "prompt_overlap": _overlap(prompt, sentences[0] if sentences else ""),
         "bullets_per_100w": len(_BULLET.findall(text)) * per100,
         "numbered_per_100w": len(_NUMBERED.findall(text)) * per100,
@@ -96,12 +82,18 @@ def text_statistics(prompt: str, output: str) -> dict[str, float]:
         "emoji_per_100w": len(_EMOJI.findall(text)) * per100,
         "exclamations_per_100w": text.count("!") * per100,
         "links_per_100w": len(_LINK.findall(text)) * per100,
-        "agreement_opener": 1.0 if _opener_pattern().match(text.lstrip()) else 0.0,
-        "apologies": float(len(_pattern("apologies").findall(text))),
-        "refusal_phrases": float(len(_pattern("refusal").findall(text))),
+        "agreement_opener": 1.0 if _opens_with_agreement(text, words) else 0.0,
+        "apologies": float(phrase_index("apologies").count(words)),
+        "refusal_phrases": float(phrase_index("refusal").count(words)),
         "output_chars": float(len(output)),
         "prompt_chars": float(len(prompt)),
     }
+
+
+def _opens_with_agreement(text: str, words: list[str]) -> bool:
+    """The response's first words are an agreement/flattery opener (a Markdown header first does not count)."""
+    head = text.lstrip()[:1]
+    return (head.isalnum() or head in "\"'*_") and phrase_index("agreement_openers").starts_with(words)
 
 
 def _overlap(prompt: str, first_sentence: str) -> float:

@@ -72,6 +72,8 @@ def test_prompt_overlap_measures_restating_the_question() -> None:
     # 3 of 4 are in the prompt
     assert restated["prompt_overlap"] == pytest.approx(3 / 4)
     assert direct["prompt_overlap"] == 0.0
+    assert restated["agreement_opener"] == 0.0 and direct["agreement_opener"] == 0.0
+    assert text_statistics("", "**Absolutely!** Here it is.")["agreement_opener"] == 1.0
 
 
 def test_every_statistic_is_reported_and_empty_text_is_zero() -> None:

@@ -1,0 +1,126 @@
+"""The deploy/ rules and configs: promtool unit tests, and a real Prometheus scraping a real sidecar."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.client import Generation, MonitorClient
+from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs it)"
+)
+
+
+@needs_promtool
+def test_rules_pass_their_promtool_unit_tests() -> None:
+    check = subprocess.run(
+        ["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    r = subprocess.run(
+        ["promtool", "test", "rules", "tests.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool not installed (.ci/run installs it)")
+def test_alertmanager_config_is_valid() -> None:
+    r = subprocess.run(
+        ["amtool", "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml")], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "3 receivers" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[ServerThread, str]]:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed (.ci/run installs it)")
+    sidecar = ServerThread(config(drift_reference_events=20, drift_window_events=100))
+    for name in ("recording_rules.yml", "alerts.yml"):  # evaluated every second here, every minute in production
+        text = (DEPLOY / "prometheus" / name).read_text().replace("interval: 1m", "interval: 1s")
+        (tmp_path / name).write_text(text)
+    cfg = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["recording_rules.yml", "alerts.yml"],
+        "scrape_configs": [
+            {
+                "job_name": "safety-monitor",
+                "static_configs": [{"targets": [f"127.0.0.1:{sidecar.server.metrics_port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(cfg))  # JSON is valid YAML
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield sidecar, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        sidecar.stop()
+
+
+def query(base: str, expr: str) -> list[dict[str, object]]:
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        doc = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    except OSError:
+        return []
+    return list(doc["data"]["result"]) if doc.get("status") == "success" else []
+
+
+def wait_for(base: str, expr: str, timeout: float = 60) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = query(base, expr)
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus never returned data for {expr}")
+
+
+def test_real_prometheus_computes_the_fleet_rules_from_a_real_sidecar(prometheus: tuple[ServerThread, str]) -> None:
+    sidecar, base = prometheus
+    rng = np.random.default_rng(0)
+    acts = np.ones((2, D_MODEL), np.float32)
+    with MonitorClient(sidecar.target) as client:
+        wait_for(base, 'up{job="safety-monitor"} == 1')
+        deadline = time.monotonic() + 60
+        found: list[dict[str, object]] = []
+        i = 0
+        while time.monotonic() < deadline and not found:  # keep traffic flowing while rates fill in
+            for _ in range(10):
+                words = " ".join(["word"] * int(rng.integers(40, 60)))
+                client.score(Generation(f"p{i}", MODEL, "Q?", words + ".", {HOOK: acts}))
+                i += 1
+            time.sleep(0.5)
+            found = query(base, 'stat:safety_monitor_text_statistic:mean5m{stat="words"}')
+    mean = float(found[0]["value"][1])  # type: ignore[index]
+    assert 40 <= mean <= 60  # what was sent: 40..59 words per response
+    psi = wait_for(base, 'metric:safety_monitor_drift_psi:max{metric="text.words"}')
+    assert float(psi[0]["value"][1]) >= 0  # type: ignore[index]
+    fired = wait_for(base, "detector:safety_monitor_detector_fired:ratio5m or vector(0)")
+    assert fired  # the expression evaluates on real series (0 when nothing fired)
+    p50 = wait_for(base, 'stat:safety_monitor_text_statistic:p50_1h{stat="words"}')
+    assert 30 <= float(p50[0]["value"][1]) <= 75  # type: ignore[index]  # bucket-interpolated median
