@@ -27,6 +27,7 @@ def _serve(ns: argparse.Namespace) -> int:
             "log_level": ns.log_level,
             "drift_state": ns.drift_state,
             "drift_baseline": ns.drift_baseline,
+            "audit_log": ns.audit_log,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
     p.add_argument("--drift-state", help="file the drift state is saved to and restored from (survives restarts)")
     p.add_argument("--drift-baseline", help="baseline file from `monitor baseline` (used when no state is saved)")
+    p.add_argument("--audit-log", help="JSONL file with one record per finished generation")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 

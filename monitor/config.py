@@ -45,6 +45,7 @@ class ServerConfig:
     drift_reference_events: events per statistic in the reference sample.
     drift_window_events: events per statistic in the sliding current window.
     drift_save_seconds: how often the drift state is written to ``drift_state`` (and at shutdown).
+    audit_log: JSONL file that gets one record per finished generation (None: no audit log).
     """
 
     host: str = "127.0.0.1"
@@ -65,6 +66,7 @@ class ServerConfig:
     drift_reference_events: int = 2000
     drift_window_events: int = 500
     drift_save_seconds: float = 60.0
+    audit_log: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):

@@ -160,6 +160,12 @@ class MonitorMetrics:
             ["metric", "direction"],
             registry=r,
         )
+        self.audit_records = Counter(
+            f"{PREFIX}_audit_records_total",
+            "Audit-log records, by result (written, or dropped when the queue was full or the disk failed).",
+            ["result"],
+            registry=r,
+        )
         for rpc in RPCS:  # so rates exist (as 0) before the first request
             self.in_flight.labels(rpc)
             self.request_seconds.labels(rpc)

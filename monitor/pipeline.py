@@ -384,9 +384,10 @@ class StreamScorer:
 
 
 def _halt_reason(results: Sequence[DetectorResult]) -> str:
-    """Why a stream should stop: the first critical detector whose running or recent score fired."""
+    """Why a stream should stop: the first critical detector whose running or recent score fired,
+    once it has seen ``halt_min_tokens`` tokens (a few tokens' mean is too noisy to stop on)."""
     for r in results:
-        if r.critical and (r.fired or r.recent_score >= r.threshold):
+        if r.critical and r.tokens >= r.halt_min_tokens and (r.fired or r.recent_score >= r.threshold):
             which = "score" if r.fired else "recent score"
             value = r.score if r.fired else r.recent_score
             return f"{r.name} fired: {which} {value:.3f} >= threshold {r.threshold:.3f}"

@@ -7,6 +7,7 @@
 from monitor.client._async import AsyncMonitorClient, AsyncScoreStream
 from monitor.client._errors import ClientError, InvalidRequest, ServerBusy, Unauthenticated, Unavailable
 from monitor.client._sync import MonitorClient, ScoreStream
+from monitor.client._transformers import GenerationMonitor, MonitoredGeneration
 from monitor.client._types import (
     Catalog,
     ChunkVerdict,
@@ -32,11 +33,13 @@ __all__ = [
     "EncoderSlice",
     "FeatureInfo",
     "Generation",
+    "GenerationMonitor",
     "HookPointInfo",
     "HookStats",
     "IngestReport",
     "InvalidRequest",
     "MonitorClient",
+    "MonitoredGeneration",
     "ScoreReply",
     "ScoreStream",
     "ServerBusy",

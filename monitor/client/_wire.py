@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from monitor._proto import monitor_pb2 as pb
 from monitor.client._types import (
     Catalog,
@@ -138,7 +140,7 @@ def _slice(e: pb.EncoderSlice) -> EncoderSlice:
     def arr(t: pb.Tensor) -> Any:
         return decode(WireTensor(tuple(t.shape), int(t.dtype), t.data), "encoder_slice")
 
-    w, b = arr(e.w_enc), arr(e.b_enc)
+    w, b = np.array(arr(e.w_enc)), np.array(arr(e.b_enc))  # writable copies (torch wants them)
     if e.apply_b_dec_to_input:
         b = b - arr(e.b_dec) @ w
     return EncoderSlice(tuple(e.latent_ids), w, b, int(e.dense_columns))

@@ -52,6 +52,7 @@ class DetectorSpec:
     members: Mapping[str, float] = field(default_factory=dict)
     bias: float = 0.0
     ema_halflife_tokens: float = 16.0
+    halt_min_tokens: int = 8
     metrics: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
@@ -72,6 +73,7 @@ class DetectorSpec:
                 members={str(k): float(v) for k, v in (d.get("members") or {}).items()},
                 bias=float(d.get("bias", 0.0)),
                 ema_halflife_tokens=float(d.get("ema_halflife_tokens", 16.0)),
+                halt_min_tokens=int(d.get("halt_min_tokens", 8)),
                 metrics=dict(d.get("metrics") or {}),
                 provenance=dict(d.get("provenance") or {}),
             )
@@ -100,6 +102,7 @@ class DetectorSpec:
             "calibration": {"slope": self.calibration[0], "intercept": self.calibration[1]},
             "critical": self.critical,
             "ema_halflife_tokens": self.ema_halflife_tokens,
+            "halt_min_tokens": self.halt_min_tokens,
         }
         if self.kind == "ensemble":
             d["members"] = dict(self.members)
@@ -148,6 +151,8 @@ class DetectorResult:
     fired: bool
     critical: bool
     top_features: tuple[Contribution, ...]
+    tokens: int = 0  # tokens the verdict rests on
+    halt_min_tokens: int = 8  # a stream may only be halted by this detector after this many tokens
 
 
 @dataclass
@@ -217,8 +222,8 @@ class RunningScores:
         self.tokens: dict[str, int] = {}
         self.sum = np.zeros(n)
         self.max = np.full(n, -np.inf)
-        self.ema = np.zeros(n)
-        self.seen = np.zeros(n, dtype=bool)
+        self.ema = np.zeros(n)  # raw EMA from 0; divided by (1 - decay**n) when read (bias correction)
+        self.count = np.zeros(n, dtype=np.int64)
         self.latent_sums = {hp: np.zeros(p.width) for hp, p in detectors.projections.items()}
 
     def update(self, hook_point: str, feats: np.ndarray) -> None:
@@ -234,10 +239,9 @@ class RunningScores:
             self.sum[i] += float(s.sum(dtype=np.float64))
             self.max[i] = max(self.max[i], float(s.max()))
             alpha = 1.0 - 0.5 ** (1.0 / det.spec.ema_halflife_tokens)
-            prev = self.ema[i] if self.seen[i] else float(s[0])
             decay = (1.0 - alpha) ** np.arange(len(s) - 1, -1, -1, dtype=np.float64)
-            self.ema[i] = (1.0 - alpha) ** len(s) * prev + alpha * float(decay @ s)
-            self.seen[i] = True
+            self.ema[i] = (1.0 - alpha) ** len(s) * self.ema[i] + alpha * float(decay @ s)
+            self.count[i] += len(s)
 
     def results(self) -> list[DetectorResult]:
         """Each detector's verdict on the tokens seen so far (detectors with no tokens are left out)."""
@@ -248,7 +252,9 @@ class RunningScores:
                 continue
             score = self.sum[i] / n if det.spec.aggregation == "mean" else self.max[i]
             means = self.latent_sums[det.spec.hook_point] / n
-            out.append(self._d._result(det, float(score), float(self.ema[i]), means))
+            alpha = 1.0 - 0.5 ** (1.0 / det.spec.ema_halflife_tokens)
+            recent = self.ema[i] / (1.0 - (1.0 - alpha) ** self.count[i])
+            out.append(self._d._result(det, float(score), float(recent), means, n))
         return out
 
 
@@ -353,7 +359,7 @@ class DetectorSet:
         out: np.ndarray = feats[:, det.cols] @ det.weight + det.bias
         return out
 
-    def _result(self, det: _Linear, score: float, recent: float, col_means: np.ndarray) -> DetectorResult:
+    def _result(self, det: _Linear, score: float, recent: float, col_means: np.ndarray, tokens: int) -> DetectorResult:
         spec = det.spec
         contribs = []
         proj = self.projections[spec.hook_point]
@@ -380,6 +386,8 @@ class DetectorSet:
             fired=fired,
             critical=spec.critical,
             top_features=tuple(contribs[:3]),
+            tokens=tokens,
+            halt_min_tokens=spec.halt_min_tokens,
         )
 
 

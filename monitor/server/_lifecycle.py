@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from monitor import __version__
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
+from monitor.audit import AuditLog
 from monitor.config import ServerConfig
 from monitor.detectors import Bundle
 from monitor.drift import DriftConfig, DriftMonitor
@@ -49,6 +50,11 @@ class SidecarServer:
             drift=self.drift,
         )
         self._saver: asyncio.Task[None] | None = None
+        self.audit = (
+            AuditLog(config.audit_log, on_result=lambda r: self.metrics.audit_records.labels(r).inc())
+            if config.audit_log
+            else None
+        )
         self.port = 0
         self.metrics_port = 0
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
@@ -71,7 +77,7 @@ class SidecarServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        servicer = SafetyMonitorServicer(self.pipeline, self.metrics, self._executor, cfg.max_in_flight)
+        servicer = SafetyMonitorServicer(self.pipeline, self.metrics, self._executor, cfg.max_in_flight, self.audit)
         pb_grpc.add_SafetyMonitorServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -116,6 +122,8 @@ class SidecarServer:
             self._saver.cancel()
             self._saver = None
         self.save_drift()
+        if self.audit is not None:
+            self.audit.close()
 
     def save_drift(self) -> None:
         """Write the drift state to ``drift_state`` (no-op when none is configured)."""

@@ -19,6 +19,7 @@ import grpc
 
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
+from monitor.audit import AuditLog
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
@@ -34,9 +35,17 @@ MAX_INGEST_ERRORS = 20
 class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
     """Serves one pipeline; shared state is the in-flight count and the metrics."""
 
-    def __init__(self, pipeline: Pipeline, metrics: MonitorMetrics, executor: Executor, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        metrics: MonitorMetrics,
+        executor: Executor,
+        max_in_flight: int,
+        audit: AuditLog | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
+        self._audit = audit
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._active = 0
@@ -47,6 +56,8 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
         async with self._rpc("Score", context):
             result = await self._run(self._pipeline.score, _convert.score_input(request))
             self._metrics.record_score("Score", result)
+            if self._audit is not None:
+                self._audit.record("Score", result)
             return _convert.score_response(result)
 
     async def ScoreStream(
@@ -58,6 +69,8 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
             async for chunk in request_iterator:
                 verdict = await self._run(scorer.update, _convert.chunk_input(chunk))
                 self._metrics.record_chunk(verdict)
+                if verdict.final and self._audit is not None:
+                    self._audit.record("ScoreStream", verdict)
                 yield _convert.verdict(verdict)
 
     async def Ingest(
@@ -102,6 +115,8 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
                 self._metrics.record_score("Ingest", outcome)
+                if self._audit is not None:
+                    self._audit.record("Ingest", outcome)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()

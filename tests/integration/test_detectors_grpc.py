@@ -123,7 +123,7 @@ def test_stream_halts_on_the_critical_detector(sidecar: ServerThread, bundle: Bu
     rows, tokens = fixed_sample[critical[0].behaviour]
     by_score = sorted(range(len(rows)), key=lambda i: -ds.score(hook, tokens[i])[0].score)
     scores = {i: {r.name: r for r in ds.score(hook, tokens[i])}[critical[0].name] for i in by_score}
-    top = next(i for i in by_score if scores[i].fired)
+    top = next(i for i in by_score if scores[i].fired and len(tokens[i]) >= critical[0].halt_min_tokens)
     low = next(i for i in reversed(by_score) if not scores[i].fired and scores[i].recent_score < scores[i].threshold)
     with MonitorClient(sidecar.target) as client:
         for i, expect in ((top, True), (low, False)):

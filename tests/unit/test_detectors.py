@@ -129,10 +129,12 @@ def test_stream_aggregation_equals_one_shot_and_ema_matches_a_loop(bundle: Bundl
         assert streamed[name].score == pytest.approx(once[name].score, abs=1e-5)
     s = reference(bundle, x)["d.lin"]
     alpha = 1 - 0.5 ** (1 / 16)
-    e = s[0]
+    e = 0.0
     for v in s:
         e += alpha * (v - e)
-    assert streamed["d.lin"].recent_score == pytest.approx(e, abs=1e-5)
+    corrected = e / (1 - (1 - alpha) ** len(s))  # bias-corrected: a weighted mean of the tokens so far
+    assert streamed["d.lin"].recent_score == pytest.approx(corrected, abs=1e-5)
+    assert streamed["d.lin"].tokens == 23
 
 
 def test_pipeline_halts_a_stream_when_a_critical_detector_fires(bundle: Bundle) -> None:

@@ -1,0 +1,149 @@
+"""End to end: the reference server (real model) + the sidecar on loopback, over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from monitor.client import GenerationMonitor, MonitorClient
+from monitor.detectors import default_bundle_path
+from monitor.models import load_default_model
+from monitor.reference import ReferenceServer, iter_sse
+from tests.conftest import HOOK, MODEL, ServerThread, config, free_port, sample
+
+MESSAGES = [{"role": "user", "content": "Name three rivers in Europe."}]
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[Any, Any]:
+    return load_default_model()
+
+
+def post(url: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(req, timeout=120)
+
+
+def audit_line(path: Path, request_id: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["request_id"] == request_id:
+                    return dict(rec)
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} never reached the audit log {path}")
+
+
+@pytest.fixture
+def stack(tmp_path: Path, model: tuple[Any, Any]) -> Iterator[tuple[ServerThread, ReferenceServer, Path]]:
+    audit = tmp_path / "audit.jsonl"
+    sidecar = ServerThread(config(audit_log=str(audit)))
+    client = MonitorClient(sidecar.target)
+    mon = GenerationMonitor(model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1], chunk_tokens=4)
+    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
+    try:
+        yield sidecar, ref, audit
+    finally:
+        ref.stop()
+        client.close()
+        sidecar.stop()
+
+
+def test_chat_completion_is_scored_and_audited(stack: tuple[ServerThread, ReferenceServer, Path]) -> None:
+    sidecar, ref, audit = stack
+    resp = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 16, "top_logprobs": 2}).read())
+    choice = resp["choices"][0]
+    text = choice["message"]["content"]
+    assert text and choice["finish_reason"] in ("stop", "length")
+    assert resp["usage"]["completion_tokens"] <= 16
+    lps = choice["logprobs"]["content"]
+    assert len(lps) == resp["usage"]["completion_tokens"] and all(e["logprob"] <= 0 for e in lps)
+    assert len(lps[0]["top_logprobs"]) == 2 and lps[0]["top_logprobs"][0]["logprob"] >= lps[0]["logprob"] - 1e-6
+    monitored = resp["safety_monitor"]
+    assert monitored["request_id"] == resp["id"] and not monitored["halted"] and not monitored["error"]
+    rec = audit_line(audit, resp["id"])
+    assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 9
+    assert rec["text_stats"]["output_chars"] == len(text)
+    m = sidecar.metrics()
+    assert sample(m, "safety_monitor_generations_scored_total", rpc="ScoreStream") == 1
+    assert (
+        sample(m, "safety_monitor_detector_probability_count", detector="deception.ensemble", behaviour="deception")
+        == 1
+    )
+    # the response tokens were scored: generated tokens minus the last one (never fed back)
+    assert sample(m, "safety_monitor_tokens_scored_total", hook_point=HOOK) == len(lps) - 1
+
+
+def test_streaming_matches_non_streaming_and_bad_requests_are_named(
+    stack: tuple[ServerThread, ReferenceServer, Path],
+) -> None:
+    _sidecar, ref, _audit = stack
+    whole = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 12}).read())
+    events = list(iter_sse(post(ref.url, {"messages": MESSAGES, "max_tokens": 12, "stream": True})))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    for body, param in (
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": MESSAGES, "temperature": 5}, "temperature"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(ref.url, body)
+        assert err.value.code == 400
+        assert json.loads(err.value.read())["error"]["param"] == param
+    # the server still serves after bad requests
+    assert json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 2}).read())["choices"]
+
+
+def test_halt_advice_stops_generation(tmp_path: Path, model: tuple[Any, Any]) -> None:
+    """A bundle whose critical detector fires on anything (threshold -1e9): the sidecar says HALT."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), bundle)
+    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    for d in manifest["detectors"]:
+        if d["critical"]:
+            d["threshold"] = -1e9
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    sidecar = ServerThread(config(bundle=str(bundle)))
+    client = MonitorClient(sidecar.target)
+    mon = GenerationMonitor(model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1], chunk_tokens=2)
+    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
+    try:
+        resp = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 64}).read())
+    finally:
+        ref.stop()
+        client.close()
+        sidecar.stop()
+    choice = resp["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert resp["safety_monitor"]["halted"] and "deception.ensemble fired" in resp["safety_monitor"]["halt_reason"]
+    assert resp["usage"]["completion_tokens"] < 16  # stopped within a few chunks, not at max_tokens
+
+
+def test_generation_survives_a_sidecar_that_is_down(model: tuple[Any, Any]) -> None:
+    client = MonitorClient(f"127.0.0.1:{free_port()}", timeout=2)
+    mon = GenerationMonitor(model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1])
+    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
+    try:
+        resp = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 8}).read())
+    finally:
+        ref.stop()
+        client.close()
+    assert resp["choices"][0]["message"]["content"]
+    assert not resp["safety_monitor"]["halted"]
