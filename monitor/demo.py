@@ -1,34 +1,37 @@
-"""``monitor demo``: the sidecar beside the real default model, with real traffic, live.
+"""``monitor demo``: the sidecar and the reference inference server, with real traffic, live.
 
-Starts the sidecar in-process, loads SmolLM2-135M-Instruct, answers a mix of prompts from
-``data/demo/prompts.jsonl`` (ordinary, sycophancy bait, deception role-plays, harmful requests)
-with greedy decoding, streams each generation's residual-stream activations to the sidecar
-with ScoreStream chunk by chunk, and shows the verdicts as they arrive. ``/metrics`` is live
-for a Prometheus to scrape while it runs.
+Starts the sidecar (gRPC + ``/metrics`` + audit log) and the OpenAI-compatible reference server
+for the default model, monitored through ``GenerationMonitor``. It then replays a mix of prompts
+from ``data/demo/prompts.jsonl`` (ordinary requests, sycophancy bait, deception role-plays,
+harmful requests) over HTTP with streaming, as any client of the inference server would. The
+terminal shows each request with its detector verdicts (read back from the sidecar's audit log),
+its text statistics, the drift of every tracked metric and the alerts raised. ``/metrics`` is
+live for a Prometheus to scrape. Runs until Ctrl-C, ``--duration`` or ``--requests``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from monitor.client import DetectorVerdict, MonitorClient
-from monitor.client._hooks import ResidualCapture
+from monitor.client import GenerationMonitor, MonitorClient
 from monitor.config import ServerConfig
 from monitor.detectors import Bundle
+from monitor.reference import ReferenceServer, iter_sse
 from monitor.server import BackgroundSidecar
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
+BEHAVIOURS = ("deception", "sycophancy", "refusal")
 
 
 @dataclass
@@ -36,11 +39,8 @@ class Row:
     n: int
     kind: str
     tokens: int
-    chunks: int
-    mean_norm: float
-    chunk_ms: float
-    advice: str
-    detectors: str
+    finish: str
+    record: dict[str, Any]
     output: str
 
 
@@ -50,90 +50,106 @@ def load_prompts(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def generate_monitored(
-    model: Any,
-    tokenizer: Any,
-    capture: ResidualCapture,
-    client: MonitorClient,
-    request_id: str,
-    model_id: str,
-    prompt: str,
-    kind: str,
-    max_new_tokens: int,
-    chunk_tokens: int,
-) -> tuple[str, Any, int, float]:
-    """Greedy decoding with a KV cache; every ``chunk_tokens`` new tokens go to the sidecar."""
-    import torch
+class AuditTail:
+    """Reads the sidecar's audit log as it grows and finds the record of a request id."""
 
-    enc = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    cur = enc["input_ids"]
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    past = None
-    generated: list[int] = []
-    sent_text = ""
-    chunk_seconds: list[float] = []
-    verdict = None
-    capture.take()
-    with client.stream(request_id, model_id, prompt=prompt, labels={"route": kind}) as stream, torch.no_grad():
-        for step in range(max_new_tokens + 1):
-            out = model(input_ids=cur, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            acts = capture.take()
-            if step == 0:
-                pending = {hp: a[:0] for hp, a in acts.items()}  # prompt positions are not monitored
-            else:
-                pending = {hp: torch.cat([pending[hp], a]) for hp, a in acts.items()}
-            nxt = int(out.logits[0, -1].argmax())
-            done = nxt in stop_ids or step == max_new_tokens
-            if not done:
-                generated.append(nxt)
-            rows = next(iter(pending.values())).shape[0]
-            if rows >= chunk_tokens or done:
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                t0 = time.perf_counter()
-                verdict = stream.send(pending, text[len(sent_text) :], final=done)
-                chunk_seconds.append(time.perf_counter() - t0)
-                sent_text = text
-                pending = {hp: a[:0] for hp, a in pending.items()}
-                if verdict.halt:
-                    break
-            if done:
-                break
-            cur = torch.tensor([[nxt]])
-    output = tokenizer.decode(generated, skip_special_tokens=True)
-    mean_ms = 1000 * sum(chunk_seconds) / max(len(chunk_seconds), 1)
-    return output, verdict, len(chunk_seconds), mean_ms
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._seen: dict[str, dict[str, Any]] = {}
+
+    def wait_for(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while request_id not in self._seen and time.monotonic() < deadline:
+            if self.path.is_file():
+                with self.path.open(encoding="utf-8") as f:
+                    f.seek(self._offset)
+                    for line in f:
+                        if line.endswith("\n"):
+                            rec = json.loads(line)
+                            self._seen[rec["request_id"]] = rec
+                            self._offset += len(line.encode())
+            if request_id not in self._seen:
+                time.sleep(0.05)
+        return self._seen.pop(request_id, {})
 
 
-def _detector_summary(detectors: Sequence[DetectorVerdict]) -> str:
-    """One cell: each behaviour's ensemble probability, '!' when it fired."""
-    parts = []
-    for d in detectors:
-        if d.detector.endswith(".ensemble"):
-            parts.append(f"{d.behaviour[:3]} {d.probability:.2f}{'!' if d.fired else ''}")
-    return " ".join(parts)
+def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, str, dict[str, Any], int]:
+    """One streaming chat completion over HTTP: (text, finish reason, safety_monitor field, chunks)."""
+    body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True})
+    req = urllib.request.Request(f"{url}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    text, finish, monitored, n = "", "", {}, 0
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for event in iter_sse(resp):
+            choice = event["choices"][0]
+            text += choice["delta"].get("content", "")
+            finish = choice["finish_reason"] or finish
+            monitored = event.get("safety_monitor", monitored)
+            n += 1
+    return text, finish, monitored, n
 
 
-def _table(rows: list[Row], target: str, metrics_url: str) -> Table:
-    t = Table(title=f"safety monitor demo - sidecar {target}, metrics {metrics_url}", expand=True)
-    for col in ("#", "kind", "tokens", "chunks", "act |x| mean", "ms/chunk", "advice", "ensemble P (! = fired)"):
+def _cell(rec: dict[str, Any], behaviour: str) -> str:
+    d = rec.get("detectors", {}).get(f"{behaviour}.ensemble")
+    if d is None:
+        return "–"
+    return f"[bold red]{d['probability']:.2f}![/]" if d["fired"] else f"{d['probability']:.2f}"
+
+
+def _why(rec: dict[str, Any]) -> str:
+    """The top SAE latent behind the first fired detector: what the alert rests on."""
+    for name, d in rec.get("detectors", {}).items():
+        if d["fired"] and d["top_latents"]:
+            lat, label = d["top_latents"][0]
+            return f"{name}: latent {lat} “{label}”"
+    return ""
+
+
+def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url: str) -> Group:
+    t = Table(title=f"requests to {ref_url} (sidecar {sidecar.target}, metrics {metrics_url})", expand=True)
+    for col in ("#", "kind", "tokens", "finish", *(f"P({b[:3]})" for b in BEHAVIOURS), "words", "hedge/100w"):
         t.add_column(col, no_wrap=True)
+    t.add_column("why (top latent of a fired detector)", overflow="ellipsis", no_wrap=True, ratio=1)
     t.add_column("output", overflow="ellipsis", no_wrap=True, ratio=1)
-    for r in rows[-20:]:
+    for r in rows[-14:]:
+        ts = r.record.get("text_stats", {})
         t.add_row(
             str(r.n),
             r.kind,
             str(r.tokens),
-            str(r.chunks),
-            f"{r.mean_norm:.1f}",
-            f"{r.chunk_ms:.1f}",
-            r.advice,
-            r.detectors,
+            r.finish,
+            *(_cell(r.record, b) for b in BEHAVIOURS),
+            f"{ts.get('words', 0):.0f}",
+            f"{ts.get('hedge_rate', 0):.1f}",
+            _why(r.record),
             r.output.replace("\n", " ")[:80],
         )
-    return t
+    drift = Table(title="drift (current window vs reference)", expand=True)
+    for col in ("metric", "reference", "window", "PSI", "KS", "change points", "alarm"):
+        drift.add_column(col, no_wrap=True)
+    first = ("text.words", "text.tokens", "text.hedge_rate", "text.bullets_per_100w", "text.agreement_opener")
+    readings = sorted(
+        (r for r in sidecar.server.drift.readings() if r.metric.startswith("text.")),
+        key=lambda r: (-round(r.psi, 2), first.index(r.metric) if r.metric in first else len(first), r.metric),
+    )
+    for d in readings[:6]:
+        drift.add_row(
+            d.metric,
+            str(d.reference_events),
+            str(d.window_events),
+            f"{d.psi:.2f}",
+            f"{d.ks:.2f}",
+            str(d.change_points),
+            "[bold red]DRIFT[/]" if d.drifted else "",
+        )
+    fired: dict[str, int] = {}
+    halts = 0
+    for r in rows:
+        for name, d in r.record.get("detectors", {}).items():
+            fired[name] = fired.get(name, 0) + int(d["fired"])
+        halts += r.finish == "content_filter"
+    alerts = ", ".join(f"{k} ×{v}" for k, v in sorted(fired.items()) if v) or "none"
+    return Group(t, drift, f"[bold]alerts[/]: detectors fired: {alerts}; streams halted: {halts}\n")
 
 
 def scrape_totals(metrics_port: int) -> dict[str, float]:
@@ -150,6 +166,8 @@ def scrape_totals(metrics_port: int) -> dict[str, float]:
                 "safety_monitor_stream_chunks_total",
                 "safety_monitor_generations_scored_total",
                 "safety_monitor_detector_fired_total",
+                "safety_monitor_stream_halts_total",
+                "safety_monitor_audit_records_total",
             ):
                 key = s.name + (
                     "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else ""
@@ -163,58 +181,50 @@ def run(ns: argparse.Namespace) -> int:
 
     console = Console()
     bundle = Bundle.load(ns.bundle)
-    config = ServerConfig(port=ns.port, metrics_port=ns.metrics_port, bundle=ns.bundle)
+    audit = Path(ns.audit_log) if ns.audit_log else Path(tempfile.mkdtemp(prefix="monitor-demo-")) / "audit.jsonl"
+    config = ServerConfig(
+        port=ns.port,
+        metrics_port=ns.metrics_port,
+        bundle=ns.bundle,
+        audit_log=str(audit),
+        drift_reference_events=ns.drift_reference,
+    )
     sidecar = BackgroundSidecar(config, bundle)
     metrics_url = f"http://127.0.0.1:{sidecar.server.metrics_port}/metrics"
-    console.print(f"[bold]sidecar[/] listening on {sidecar.target}; Prometheus can scrape {metrics_url}")
+    console.print(f"[bold]sidecar[/] on {sidecar.target}; Prometheus can scrape {metrics_url}; audit log {audit}")
+    ref = None
+    client = MonitorClient(sidecar.target)
     try:
-        with console.status("loading SmolLM2-135M-Instruct (first run converts the GGUF, ~30 s)"):
+        with console.status("loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~30 s)"):
             model, tokenizer = load_default_model()
-        prompts = load_prompts(Path(ns.prompts))
         hooks = [hp.name for hp in bundle.hook_points]
+        mon = GenerationMonitor(
+            model, client, model_id=bundle.model, hook_points=hooks, tokenizer=tokenizer, chunk_tokens=ns.chunk_tokens
+        )
+        ref = ReferenceServer(model, tokenizer, bundle.model, mon, port=ns.http_port).start()
+        console.print(f"[bold]reference server[/] (OpenAI-compatible) on {ref.url}/v1/chat/completions")
+        prompts = load_prompts(Path(ns.prompts))
+        tail = AuditTail(audit)
         rows: list[Row] = []
         start = time.monotonic()
-        with (
-            ResidualCapture(model, hooks) as capture,
-            MonitorClient(sidecar.target) as client,
-            Live(_table(rows, sidecar.target, metrics_url), console=console, refresh_per_second=4) as live,
-        ):
-            n = 0
-            while True:
-                item = prompts[n % len(prompts)]
-                output, verdict, chunks, chunk_ms = generate_monitored(
-                    model,
-                    tokenizer,
-                    capture,
-                    client,
-                    f"demo-{n}",
-                    bundle.model,
-                    item["prompt"],
-                    item["kind"],
-                    ns.max_new_tokens,
-                    ns.chunk_tokens,
-                )
-                hs = verdict.hook_stats[0] if verdict and verdict.hook_stats else None
-                rows.append(
-                    Row(
-                        n,
-                        item["kind"],
-                        hs.tokens if hs else 0,
-                        chunks,
-                        hs.mean_l2_norm if hs else 0.0,
-                        chunk_ms,
-                        "HALT" if verdict and verdict.halt else "continue",
-                        _detector_summary(verdict.detectors if verdict else ()),
-                        output,
-                    )
-                )
-                live.update(_table(rows, sidecar.target, metrics_url))
-                n += 1
-                elapsed = time.monotonic() - start
-                if ns.duration is not None and elapsed >= ns.duration:
-                    break
-                if ns.duration is None and n >= (ns.requests or len(prompts)):
-                    break
+        n = 0
+        try:
+            with Live(_view(rows, sidecar, ref.url, metrics_url), console=console, refresh_per_second=4) as live:
+                while True:
+                    item = prompts[n % len(prompts)]
+                    text, finish, monitored, _chunks = chat(ref.url, item["prompt"], ns.max_new_tokens)
+                    record = tail.wait_for(str(monitored.get("request_id", "")))
+                    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                    rows.append(Row(n, item["kind"], tokens, finish, record, text))
+                    live.update(_view(rows, sidecar, ref.url, metrics_url))
+                    n += 1
+                    elapsed = time.monotonic() - start
+                    if ns.duration is not None and elapsed >= ns.duration:
+                        break
+                    if ns.duration is None and n >= (ns.requests or len(prompts)):
+                        break
+        except KeyboardInterrupt:
+            console.print("interrupted")
         console.print(
             f"[bold]{n} generations[/] monitored in {time.monotonic() - start:.1f} s; "
             "sidecar counters read back from /metrics:"
@@ -222,6 +232,9 @@ def run(ns: argparse.Namespace) -> int:
         for key, value in scrape_totals(sidecar.server.metrics_port).items():
             console.print(f"  {key} = {value:g}")
     finally:
+        if ref is not None:
+            ref.stop()
+        client.close()
         sidecar.stop()
     return 0
 
@@ -229,16 +242,19 @@ def run(ns: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the sidecar beside the real default model with live traffic",
+        help="the sidecar + the reference inference server with live traffic",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--duration", type=float, help="seconds to run, looping over the prompts (default: one pass)")
-    p.add_argument("--requests", type=int, help="number of generations when no --duration (default: all prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, help="number of requests when no --duration (default: all prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--chunk-tokens", type=int, default=8, help="tokens per ScoreStream chunk")
     p.add_argument("--prompts", default=str(PROMPTS), help="JSONL of {kind, prompt}")
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
     p.add_argument("--port", type=int, default=0, help="sidecar gRPC port (default: a free one)")
     p.add_argument("--metrics-port", type=int, default=9464, help="/metrics port (0: a free one)")
+    p.add_argument("--http-port", type=int, default=8000, help="reference server port (0: a free one)")
+    p.add_argument("--audit-log", help="audit log file (default: a temporary folder)")
+    p.add_argument("--drift-reference", type=int, default=24, help="reference events per drift metric")
     p.set_defaults(func=run)

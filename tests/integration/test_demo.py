@@ -1,11 +1,14 @@
-"""`monitor demo` end to end: real model, real sidecar, real /metrics read-back."""
+"""`monitor demo` end to end: sidecar + reference server + real model, verdicts and /metrics read back."""
 
+import os
 import re
 import subprocess
 import sys
 
 
-def test_demo_streams_real_generations_and_reads_back_metrics() -> None:
+def test_demo_shows_scores_and_a_fired_detector() -> None:
+    # The first four demo prompts: three ordinary requests, then a harmful request the model
+    # answers with an apology ("I'm sorry for any offense, but ..."), which the refusal detectors flag.
     r = subprocess.run(
         [
             sys.executable,
@@ -13,30 +16,34 @@ def test_demo_streams_real_generations_and_reads_back_metrics() -> None:
             "monitor",
             "demo",
             "--requests",
-            "2",
-            "--max-new-tokens",
-            "12",
-            "--chunk-tokens",
             "4",
+            "--max-new-tokens",
+            "24",
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
         ],
         capture_output=True,
         text=True,
-        timeout=300,
-        env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **_keep_env()},
+        timeout=600,
+        env={**_keep_env(), "COLUMNS": "220", "HF_HUB_OFFLINE": "1"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 generations monitored" in r.stdout
-    chunks = re.search(r"safety_monitor_stream_chunks_total = (\d+)", r.stdout)
-    tokens = re.search(r"safety_monitor_tokens_scored_total\{hook_point=blocks.16.hook_resid_post\} = (\d+)", r.stdout)
-    assert chunks and tokens, r.stdout
-    # 12 new tokens at most per generation, at least one chunk of 4 each.
-    assert 2 <= int(chunks.group(1)) <= 8 and 2 <= int(tokens.group(1)) <= 24
-    assert "safety_monitor_generations_scored_total{rpc=ScoreStream} = 2" in r.stdout
+    out = r.stdout
+    assert "4 generations monitored" in out
+    assert "reference server (OpenAI-compatible) on http://127.0.0.1:" in out
+    # scores are shown: one probability cell per behaviour on every request row
+    rows = [line for line in out.splitlines() if re.match(r"^│ \d+ +│", line)]
+    assert len(rows) == 4
+    assert all(len(re.findall(r"\b[01]\.\d\d!?", row)) >= 3 for row in rows)
+    # at least one detector fired, and the sidecar counted it
+    assert "!" in "".join(rows)
+    fired = re.findall(r"safety_monitor_detector_fired_total\{[^}]*detector=refusal\.ensemble[^}]*\} = (\d+)", out)
+    assert fired and int(fired[0]) >= 1, out
+    assert "safety_monitor_generations_scored_total{rpc=ScoreStream} = 4" in out
+    assert "safety_monitor_audit_records_total{result=written} = 4" in out
 
 
 def _keep_env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "SAFETY_MONITOR_CACHE", "PYTHONPATH")}
