@@ -78,7 +78,8 @@ def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, str, dict[str, An
     """One streaming chat completion over HTTP: (text, finish reason, safety_monitor field, chunks)."""
     body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True})
     req = urllib.request.Request(f"{url}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
-    text, finish, monitored, n = "", "", {}, 0
+    text, finish, n = "", "", 0
+    monitored: dict[str, Any] = {}
     with urllib.request.urlopen(req, timeout=300) as resp:
         for event in iter_sse(resp):
             choice = event["choices"][0]
