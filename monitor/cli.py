@@ -28,6 +28,9 @@ def _serve(ns: argparse.Namespace) -> int:
             "drift_state": ns.drift_state,
             "drift_baseline": ns.drift_baseline,
             "audit_log": ns.audit_log,
+            "critic_url": ns.critic_url,
+            "critique_mode": ns.critique_mode,
+            "constitution": ns.constitution,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -179,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-state", help="file the drift state is saved to and restored from (survives restarts)")
     p.add_argument("--drift-baseline", help="baseline file from `monitor baseline` (used when no state is saved)")
     p.add_argument("--audit-log", help="JSONL file with one record per finished generation")
+    p.add_argument("--critic-url", help="OpenAI-compatible server to critique outputs with (e.g. the reference server)")
+    p.add_argument(
+        "--critique-mode", choices=["fast", "full"], help="fast: yes/no log-probabilities; full: parsed critique"
+    )
+    p.add_argument("--constitution", help="YAML file of principles (default: monitor/assets/constitution.yaml)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 

@@ -46,6 +46,13 @@ class ServerConfig:
     drift_window_events: events per statistic in the sliding current window.
     drift_save_seconds: how often the drift state is written to ``drift_state`` (and at shutdown).
     audit_log: JSONL file that gets one record per finished generation (None: no audit log).
+    critic_url: base URL of an OpenAI-compatible server to critique outputs with (None: no critiques).
+    critic_model: model name sent to the critic.
+    critique_mode: fast (one yes/no token per principle) or full (a parsed written critique).
+    critique_sample_rate: share of unflagged generations critiqued (every flagged one is).
+    critique_queue / critique_concurrency / critique_timeout: the critique queue's bound, parallel
+        calls and per-call timeout in seconds. A full queue drops (counted); scoring never waits.
+    constitution: YAML file of principles (None: the default constitution).
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +74,14 @@ class ServerConfig:
     drift_window_events: int = 500
     drift_save_seconds: float = 60.0
     audit_log: str | None = None
+    critic_url: str | None = None
+    critic_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    critique_mode: str = "fast"
+    critique_sample_rate: float = 0.05
+    critique_queue: int = 100
+    critique_concurrency: int = 2
+    critique_timeout: float = 30.0
+    constitution: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -81,12 +96,20 @@ class ServerConfig:
             "max_stream_tokens",
             "drift_reference_events",
             "drift_window_events",
+            "critique_queue",
+            "critique_concurrency",
         ):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {value}")
         if self.drain_seconds < 0:
             raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
+        if self.critique_mode not in ("fast", "full"):
+            raise ConfigError(f"critique_mode: expected fast or full, got {self.critique_mode!r}")
+        if not 0.0 <= self.critique_sample_rate <= 1.0:
+            raise ConfigError(f"critique_sample_rate: expected 0..1, got {self.critique_sample_rate}")
+        if self.critique_timeout <= 0:
+            raise ConfigError(f"critique_timeout: expected > 0, got {self.critique_timeout}")
         if self.drift_save_seconds <= 0:
             raise ConfigError(f"drift_save_seconds: expected > 0, got {self.drift_save_seconds}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -160,6 +160,39 @@ class MonitorMetrics:
             ["metric", "direction"],
             registry=r,
         )
+        # -- critiques ------------------------------------------------------------------------------
+        self.critiques = Counter(
+            f"{PREFIX}_critiques_total",
+            "Critic findings by principle and verdict (violated, clean, parse_failure; '*' for timeout/error).",
+            ["principle", "verdict"],
+            registry=r,
+        )
+        self.critique_queue_depth = Gauge(
+            f"{PREFIX}_critique_queue_depth", "Events waiting for the critic.", registry=r
+        )
+        self.critique_dropped = Counter(
+            f"{PREFIX}_critique_dropped_total",
+            "Events the critique policy chose but the full queue dropped.",
+            registry=r,
+        )
+        self.critique_seconds = Histogram(
+            f"{PREFIX}_critique_duration_seconds",
+            "Time to critique one event against all selected principles.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.critique_parse_failures = Counter(
+            f"{PREFIX}_critique_parse_failures_total",
+            "Critic replies that could not be parsed (recorded, never guessed).",
+            ["principle"],
+            registry=r,
+        )
+        self.critique_high_severity = Counter(
+            f"{PREFIX}_critique_high_severity_total",
+            "High-severity violations found by the critic.",
+            ["principle"],
+            registry=r,
+        )
         self.audit_records = Counter(
             f"{PREFIX}_audit_records_total",
             "Audit-log records, by result (written, or dropped when the queue was full or the disk failed).",

@@ -303,6 +303,15 @@ class StreamScorer:
         self._running = pipeline.detectors.open_running()
         self.halted = ""
 
+    @property
+    def prompt(self) -> str:
+        return self._prompt
+
+    @property
+    def output(self) -> str:
+        """The output text received so far."""
+        return "".join(self._output_parts)
+
     def update(self, chunk: ChunkInput) -> StreamVerdict:
         """Validate and fold in one chunk; raises ``InvalidInput`` (the stream should end)."""
         start = time.perf_counter()

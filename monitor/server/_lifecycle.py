@@ -19,6 +19,7 @@ from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.audit import AuditLog
 from monitor.config import ServerConfig
+from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
 from monitor.detectors import Bundle
 from monitor.drift import DriftConfig, DriftMonitor
 from monitor.errors import ConfigError
@@ -50,6 +51,7 @@ class SidecarServer:
             drift=self.drift,
         )
         self._saver: asyncio.Task[None] | None = None
+        self.critique: CritiqueService | None = None
         self.audit = (
             AuditLog(config.audit_log, on_result=lambda r: self.metrics.audit_records.labels(r).inc())
             if config.audit_log
@@ -77,7 +79,10 @@ class SidecarServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        servicer = SafetyMonitorServicer(self.pipeline, self.metrics, self._executor, cfg.max_in_flight, self.audit)
+        self.critique = await self._start_critique()
+        servicer = SafetyMonitorServicer(
+            self.pipeline, self.metrics, self._executor, cfg.max_in_flight, self.audit, self.critique
+        )
         pb_grpc.add_SafetyMonitorServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -118,12 +123,34 @@ class SidecarServer:
             self._http.server_close()
             self._http = None
         self._executor.shutdown(wait=True)
+        if self.critique is not None:
+            await self.critique.stop()
+            await self.critique.critic.backend.aclose()  # type: ignore[attr-defined]
+            self.critique = None
         if self._saver is not None:
             self._saver.cancel()
             self._saver = None
         self.save_drift()
         if self.audit is not None:
             self.audit.close()
+
+    async def _start_critique(self) -> CritiqueService | None:
+        cfg = self.config
+        if not cfg.critic_url:
+            return None
+        backend = OpenAIChatBackend(cfg.critic_url, cfg.critic_model, timeout=cfg.critique_timeout)
+        critic = Critic(backend, Constitution.load(cfg.constitution), cfg.critique_mode, cfg.critique_timeout)
+        service = CritiqueService(
+            critic,
+            CritiquePolicy(sample_rate=cfg.critique_sample_rate),
+            max_queue=cfg.critique_queue,
+            concurrency=cfg.critique_concurrency,
+            metrics=self.metrics,
+            on_result=self.audit.write if self.audit is not None else None,
+        )
+        await service.start()
+        log.info("critiques: %s in %s mode via %s", "on", cfg.critique_mode, cfg.critic_url)
+        return service
 
     def save_drift(self) -> None:
         """Write the drift state to ``drift_state`` (no-op when none is configured)."""

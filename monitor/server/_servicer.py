@@ -20,6 +20,7 @@ import grpc
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.audit import AuditLog
+from monitor.critique import CritiqueEvent, CritiqueService
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
@@ -42,10 +43,12 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
         executor: Executor,
         max_in_flight: int,
         audit: AuditLog | None = None,
+        critique: CritiqueService | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._audit = audit
+        self._critique = critique
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._active = 0
@@ -58,6 +61,7 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
             self._metrics.record_score("Score", result)
             if self._audit is not None:
                 self._audit.record("Score", result)
+            self._offer(result.request_id, request.prompt, request.output, result.flagged)
             return _convert.score_response(result)
 
     async def ScoreStream(
@@ -71,6 +75,9 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
                 self._metrics.record_chunk(verdict)
                 if verdict.final and self._audit is not None:
                     self._audit.record("ScoreStream", verdict)
+                if verdict.final:
+                    flagged = any(d.fired for d in verdict.detectors)
+                    self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged)
                 yield _convert.verdict(verdict)
 
     async def Ingest(
@@ -117,6 +124,12 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
                 self._metrics.record_score("Ingest", outcome)
                 if self._audit is not None:
                     self._audit.record("Ingest", outcome)
+                self._offer(item.request_id, item.prompt, item.output, outcome.flagged)
+
+    def _offer(self, request_id: str, prompt: str, output: str, flagged: bool) -> None:
+        """Hand a finished generation to the critique policy (never blocks; a full queue drops)."""
+        if self._critique is not None and output:
+            self._critique.offer(CritiqueEvent(request_id, prompt, output, flagged))
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
