@@ -147,3 +147,40 @@ def test_generation_survives_a_sidecar_that_is_down(model: tuple[Any, Any]) -> N
         client.close()
     assert resp["choices"][0]["message"]["content"]
     assert not resp["safety_monitor"]["halted"]
+
+
+def test_projected_mode_during_generate_gives_the_same_verdict(model: tuple[Any, Any]) -> None:
+    sidecar = ServerThread(config())
+    client = MonitorClient(sidecar.target)
+    try:
+        hp = client.get_detectors().hook_points[0]
+        assert hp.encoder_slice is not None
+        enc = model[1].apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        verdicts = []
+        for slices in (None, {hp.name: hp.encoder_slice}):
+            mon = GenerationMonitor(
+                model[0], client, model_id=MODEL, hook_points=[hp.name], encoder_slices=slices, chunk_tokens=4
+            )
+            out = mon.generate(
+                f"proj-{slices is not None}",
+                enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=12,
+                do_sample=False,
+            )
+            verdicts.append(out.verdict())
+        full, projected = verdicts
+        assert full is not None and projected is not None
+        assert full.tokens_seen == projected.tokens_seen == 11
+        a = {d.detector: d.score for d in full.detectors}
+        b = {d.detector: d.score for d in projected.detectors}
+        assert b == pytest.approx(a, abs=2e-3)
+        m = sidecar.metrics()
+        # projected chunks carry K values per token instead of 576
+        assert (
+            sample(m, "safety_monitor_received_bytes_total", rpc="ScoreStream")
+            == 11 * (576 + hp.encoder_slice.width) * 4
+        )
+    finally:
+        client.close()
+        sidecar.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,31 @@ def test_constitution_files_are_validated(tmp_path: Path) -> None:
     bad.write_text("principles:\n  - id: a\n    category: honesty\n")
     with pytest.raises(ConfigError, match=r"principles\[0\].statement: expected a non-empty string"):
         Constitution.load(bad)
+
+
+class _EchoStandIn:
+    """Answers every yes/no question "yes" and every revision request with the previous response.
+
+    A stand-in: the real default model never echoes a response exactly (it reformats it), so the
+    'unchanged' stop rule cannot be caused with it; everything else is tested on the real model.
+    """
+
+    name = "echo-stand-in"
+
+    async def chat(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int = 0) -> Any:
+        from monitor.critique import ChatReply
+
+        if top_logprobs:
+            return ChatReply("Yes", {"Yes": math.log(0.9), "No": math.log(0.1)})
+        return ChatReply(messages[1]["content"] + "  ")  # the previous response, whitespace aside
+
+
+def test_unchanged_stop_rule_with_an_echoing_stand_in_because_the_real_model_never_echoes() -> None:
+    import asyncio
+
+    from monitor.critique import Critic, revise_until_clean
+
+    critic = Critic(_EchoStandIn(), mode="fast")
+    out = asyncio.run(revise_until_clean(critic, "q", "the answer", principles=["least_harmful"]))
+    assert out.stop_reason == "unchanged" and out.pairs == [] and out.final == "the answer"
+    assert out.rounds[0][0].violated and out.rounds[0][0].severity == "high"  # P(yes) = 0.9
