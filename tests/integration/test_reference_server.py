@@ -35,6 +35,20 @@ def post(url: str, body: dict[str, Any]) -> Any:
     return urllib.request.urlopen(req, timeout=120)
 
 
+def chat_once(model: tuple[Any, Any], target: str, max_tokens: int, chunk_tokens: int) -> Any:
+    """One chat completion through a reference server monitored by the sidecar at ``target``."""
+    client = MonitorClient(target, timeout=2)
+    mon = GenerationMonitor(
+        model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1], chunk_tokens=chunk_tokens
+    )
+    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
+    try:
+        return json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": max_tokens}).read())
+    finally:
+        ref.stop()
+        client.close()
+
+
 def audit_line(path: Path, request_id: str, timeout: float = 20) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,14 +135,9 @@ def test_halt_advice_stops_generation(tmp_path: Path, model: tuple[Any, Any]) ->
             d["threshold"] = -1e9
     (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     sidecar = ServerThread(config(bundle=str(bundle)))
-    client = MonitorClient(sidecar.target)
-    mon = GenerationMonitor(model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1], chunk_tokens=2)
-    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
     try:
-        resp = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 64}).read())
+        resp = chat_once(model, sidecar.target, max_tokens=64, chunk_tokens=2)
     finally:
-        ref.stop()
-        client.close()
         sidecar.stop()
     choice = resp["choices"][0]
     assert choice["finish_reason"] == "content_filter"
@@ -137,14 +146,7 @@ def test_halt_advice_stops_generation(tmp_path: Path, model: tuple[Any, Any]) ->
 
 
 def test_generation_survives_a_sidecar_that_is_down(model: tuple[Any, Any]) -> None:
-    client = MonitorClient(f"127.0.0.1:{free_port()}", timeout=2)
-    mon = GenerationMonitor(model[0], client, model_id=MODEL, hook_points=[HOOK], tokenizer=model[1])
-    ref = ReferenceServer(model[0], model[1], MODEL, mon, port=0).start()
-    try:
-        resp = json.loads(post(ref.url, {"messages": MESSAGES, "max_tokens": 8}).read())
-    finally:
-        ref.stop()
-        client.close()
+    resp = chat_once(model, f"127.0.0.1:{free_port()}", max_tokens=8, chunk_tokens=16)
     assert resp["choices"][0]["message"]["content"]
     assert not resp["safety_monitor"]["halted"]
 
