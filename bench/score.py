@@ -64,7 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--blas-threads", type=int, default=1, help="as `monitor serve` sets it (0: leave as is)")
     ns = parser.parse_args()
+    if ns.blas_threads:
+        from monitor.server._lifecycle import limit_blas_threads
+
+        limit_blas_threads(ns.blas_threads)
     bundle = Bundle.load()
     hook = bundle.hook_points[0].name
     ds = DetectorSet.from_bundle(bundle)
@@ -72,7 +77,11 @@ def main() -> None:
     x = (np.random.default_rng(0).normal(size=(ns.tokens, 576)) * 2.5).astype(np.float32)
     bare = dataclasses.replace(bundle, raw={**bundle.raw, "detectors": []})
 
-    print(f"Score with the default bundle ({len(ds.specs)} detectors), {ns.tokens} tokens x 576 f32, n={ns.n} (ms)")
+    threads = ns.blas_threads or "default"
+    print(
+        f"Score with the default bundle ({len(ds.specs)} detectors), {ns.tokens} tokens x 576 f32, n={ns.n}, "
+        f"BLAS threads {threads} (ms)"
+    )
     print(f"{'server':22} {'server p50':>10} {'server p99':>10} {'round trip p50':>15} {'p99':>8}")
     for label, b in (("no detectors (peer)", bare), ("default bundle", bundle)):
         server_s, rtt_s = serve_and_time(b, ns, x, hook)

@@ -53,6 +53,7 @@ class ServerConfig:
     critique_queue / critique_concurrency / critique_timeout: the critique queue's bound, parallel
         calls and per-call timeout in seconds. A full queue drops (counted); scoring never waits.
     constitution: YAML file of principles (None: the default constitution).
+    blas_threads: numpy BLAS threads in a ``monitor serve`` process (1 avoids thread contention).
     """
 
     host: str = "127.0.0.1"
@@ -82,6 +83,7 @@ class ServerConfig:
     critique_concurrency: int = 2
     critique_timeout: float = 30.0
     constitution: str | None = None
+    blas_threads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -98,6 +100,7 @@ class ServerConfig:
             "drift_window_events",
             "critique_queue",
             "critique_concurrency",
+            "blas_threads",
         ):
             value = getattr(self, name)
             if value < 1:
