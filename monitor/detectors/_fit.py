@@ -104,7 +104,7 @@ def l1_rank_latents(z: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     zs = (z[:, live] - z[:, live].mean(0)) / z[:, live].std(0)
     coef = np.zeros(len(live))
     for c in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
-        clf = LogisticRegression(penalty="l1", solver="liblinear", C=c, max_iter=2000, random_state=0)
+        clf = LogisticRegression(l1_ratio=1.0, solver="liblinear", C=c, max_iter=2000, random_state=0)
         coef = clf.fit(zs, y).coef_[0]
         if np.count_nonzero(coef) >= k:
             break
