@@ -29,7 +29,11 @@ from monitor.text import load_lexicon
 # What the default bundle is fitted on: training source, and the sources kept out for the
 # cross-source test. Deception is marked critical: its ensemble firing asks streams to HALT.
 RECIPES: dict[str, FitConfig] = {
-    "deception": FitConfig("deception", "repe", ("truthfulqa_roleplay",), ("truthfulqa",), critical=True),
+    # Deception also fits on the refusal set's rows as negatives: without them, the model's own
+    # apologetic refusals ("I'm sorry, but...") fired the deception ensemble (seen in the demo).
+    "deception": FitConfig(
+        "deception", "repe", ("truthfulqa_roleplay",), ("truthfulqa",), critical=True, negatives_from=("refusal",)
+    ),
     "sycophancy": FitConfig("sycophancy", "truthfulqa_opinion", ("typology",)),
     "refusal": FitConfig("refusal", "refusal_direction", ("hh_rlhf_tqa",)),
 }
@@ -138,7 +142,15 @@ def build_detectors(
         cfg = replace(RECIPES[beh], hook_point=hook)
         labeled[beh] = load_labeled(beh, hook, cache_dir, load_model)
         log(f"{beh}: fitting on {cfg.train_source} ({len(labeled[beh].rows)} rows in the file)")
-        fitted = fit_behaviour(cfg, labeled[beh].rows, labeled[beh].tokens, sae, log=log)
+        rows, tokens = list(labeled[beh].rows), list(labeled[beh].tokens)
+        for other in cfg.negatives_from:
+            extra = load_labeled(other, hook, cache_dir, load_model)
+            own = RECIPES[other].train_source
+            for r, t in zip(extra.rows, extra.tokens, strict=True):
+                if r.source == own and not is_validation(r.group):
+                    rows.append(LabeledRow(beh, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
+                    tokens.append(t)
+        fitted = fit_behaviour(cfg, rows, tokens, sae, log=log)
         data_sha = hashlib.sha256((DATA / f"{beh}.jsonl").read_bytes()).hexdigest()
         for s in fitted.specs:
             prov = {**s.provenance, "data": f"data/detectors/{beh}.jsonl", "data_sha256": data_sha}

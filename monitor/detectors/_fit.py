@@ -45,6 +45,8 @@ class FitConfig:
     train_source: str
     cross_sources: tuple[str, ...]
     diagnostic_sources: tuple[str, ...] = ()  # scored and reported, but outside the detector's scope
+    # other behaviours' rows (of their own fitting source) added to the fitting part as negatives
+    negatives_from: tuple[str, ...] = ()
     hook_point: str = "blocks.16.hook_resid_post"
     folds: int = 5
     latent_counts: tuple[int, ...] = (8, 16, 32)
@@ -190,7 +192,13 @@ def fit_behaviour(
     """Fit the sae_probe, linear_probe and ensemble for one behaviour on its training source."""
     y_all = np.array([r.label for r in rows])
     groups = np.array([r.group for r in rows])
-    fit_idx = np.array([i for i, r in enumerate(rows) if r.source == cfg.train_source and not is_validation(r.group)])
+    fit_idx = np.array(
+        [
+            i
+            for i, r in enumerate(rows)
+            if (r.source == cfg.train_source and not is_validation(r.group)) or r.source.startswith("negatives:")
+        ]
+    )
     if len(fit_idx) == 0:
         raise ValueError(f"{cfg.behaviour}: no rows of training source {cfg.train_source!r}")
     dense = pool_tokens(tokens)
@@ -245,6 +253,7 @@ def fit_behaviour(
         "train_source": cfg.train_source,
         "fit_rows": len(fit_idx),
         "fit_positives": int(yf.sum()),
+        "negatives_from": [f"{b} ({sum(r.source == f'negatives:{b}' for r in rows)} rows)" for b in cfg.negatives_from],
         "validation": f"groups of {cfg.train_source} with sha256(group) % 1000 < {int(VALIDATION_FRACTION * 1000)}",
         "cross_sources": list(cfg.cross_sources),
         "diagnostic_sources": list(cfg.diagnostic_sources),
