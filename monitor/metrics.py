@@ -245,7 +245,7 @@ class MonitorMetrics:
         self.pipeline_seconds.labels("ScoreStream").observe(verdict.seconds)
         for hook, n in verdict.new_tokens.items():
             self.tokens.labels(hook).inc(n)
-        if verdict.halt and verdict.reason and verdict.halted_now:
+        if verdict.halted_now:
             self.stream_halts.inc()
         if verdict.final:
             self.generations.labels("ScoreStream").inc()

@@ -360,15 +360,15 @@ class StreamScorer:
         index = self.chunks
         self.chunks += 1
         self.finished = chunk.final
-        output = "".join(self._output_parts)
-        self._output_parts = [output]
         results = tuple(self._running.results())
         changes: tuple[str, ...] = ()
         if chunk.final:  # full statistics once, on the whole output; chunks get the cheap ones
+            output = self.output
+            self._output_parts = [output]
             stats = text_statistics(self._prompt, output)
             changes = self._p.observe(stats, results)
         else:
-            stats = {"output_chars": float(len(output)), "prompt_chars": float(len(self._prompt))}
+            stats = {"output_chars": float(self._output_chars), "prompt_chars": float(len(self._prompt))}
         halted_now = False
         if not self.halted:
             self.halted = _halt_reason(results)

@@ -224,6 +224,8 @@ class RunningScores:
         self.max = np.full(n, -np.inf)
         self.ema = np.zeros(n)  # raw EMA from 0; divided by (1 - decay**n) when read (bias correction)
         self.count = np.zeros(n, dtype=np.int64)
+        # per-token EMA weight from each detector's half-life
+        self.alpha = np.array([1.0 - 0.5 ** (1.0 / d.spec.ema_halflife_tokens) for d in detectors.runtime])
         self.latent_sums = {hp: np.zeros(p.width) for hp, p in detectors.projections.items()}
 
     def update(self, hook_point: str, feats: np.ndarray) -> None:
@@ -238,7 +240,7 @@ class RunningScores:
             s = feats[:, det.cols] @ det.weight + det.bias
             self.sum[i] += float(s.sum(dtype=np.float64))
             self.max[i] = max(self.max[i], float(s.max()))
-            alpha = 1.0 - 0.5 ** (1.0 / det.spec.ema_halflife_tokens)
+            alpha = float(self.alpha[i])
             decay = (1.0 - alpha) ** np.arange(len(s) - 1, -1, -1, dtype=np.float64)
             self.ema[i] = (1.0 - alpha) ** len(s) * self.ema[i] + alpha * float(decay @ s)
             self.count[i] += len(s)
@@ -252,8 +254,7 @@ class RunningScores:
                 continue
             score = self.sum[i] / n if det.spec.aggregation == "mean" else self.max[i]
             means = self.latent_sums[det.spec.hook_point] / n
-            alpha = 1.0 - 0.5 ** (1.0 / det.spec.ema_halflife_tokens)
-            recent = self.ema[i] / (1.0 - (1.0 - alpha) ** self.count[i])
+            recent = self.ema[i] / (1.0 - (1.0 - self.alpha[i]) ** self.count[i])
             out.append(self._d._result(det, float(score), float(recent), means, n))
         return out
 

@@ -98,7 +98,7 @@ def _opens_with_agreement(text: str, words: list[str]) -> bool:
 
 def _overlap(prompt: str, first_sentence: str) -> float:
     stop = load_words("stopwords")
-    content = {w.lower() for w in _WORD.findall(first_sentence.replace("\u2019", "'"))} - stop
+    content = {w.lower() for w in _WORD.findall(first_sentence)} - stop  # already apostrophe-normalised
     content = {w for w in content if len(w) > 2}
     if not content:
         return 0.0
