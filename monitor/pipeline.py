@@ -18,6 +18,7 @@ import numpy as np
 from monitor.detectors import Bundle, DetectorResult, DetectorSet, HookPoint
 from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
+from monitor.hook_points import HookStats
 from monitor.tensors import WireTensor, decode, require_finite
 from monitor.text import text_statistics
 
@@ -80,16 +81,6 @@ class ChunkInput:
     activations: Sequence[ActivationInput] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     final: bool = False
-
-
-@dataclass(frozen=True)
-class HookStats:
-    """Real statistics of the activations seen at one hook point."""
-
-    hook_point: str
-    tokens: int
-    mean_l2_norm: float
-    max_l2_norm: float
 
 
 @dataclass(frozen=True)

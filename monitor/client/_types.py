@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.pipeline import HookStats
+from monitor.hook_points import HookStats
 
 __all__ = [
     "Catalog",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from monitor.client._hooks import layer_of
+from monitor.hook_points import layer_of
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "detectors"
 

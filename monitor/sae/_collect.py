@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from monitor.client._hooks import layer_of
+from monitor.hook_points import layer_of
 from monitor.sae._config import SAEError
 
 log = logging.getLogger("monitor.sae")

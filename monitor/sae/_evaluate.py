@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from monitor.client._hooks import layer_of
+from monitor.hook_points import layer_of
 from monitor.sae._base import SAE
 from monitor.sae._collect import _system_prefix_tokens, encode_conversations, keep_mask
 

@@ -1,0 +1,414 @@
+"""A vLLM KV connector that streams every request's residual-stream rows to the sidecar per step.
+
+Capture: vLLM's ``extract_hidden_states`` speculative method stores the hook layers' output of
+every computed position in a cache-only KV layer, inside the model's own step (so it works under
+torch.compile and CUDA graphs and for prefix-cached blocks, which keep their rows). This connector
+never touches the forward pass. After each step (``wait_for_save``, which vLLM runs after the
+pseudo-draft wrote the step's rows) the worker side gathers, in one indexing op for the whole
+batch, the rows of the positions that became final this step, optionally projects them through
+the bundle's encoder slice on the device, and hands them to ``SidecarStreams`` (a background
+thread; the step never waits for the network).
+
+Which rows: response tokens only, i.e. positions ``prompt_len .. len(tokens) - 2``, the inputs the
+detectors were fitted on. The last generated token is never fed back through the model, so it has
+no row in any capture method: a verdict covers all output tokens but the last. Speculative
+positions are read only once accepted (the scheduler's ``num_computed_tokens`` moved past them).
+
+HALT: the sidecar's advice comes back on the stream; the worker reports the request in its
+per-step worker metadata; the scheduler side marks it, and the next stop check finishes it with
+``stop_reason = "safety_monitor_halt"``. The API server (see ``_plugin``) shows that as
+``finish_reason: "content_filter"``.
+
+Scheduler side and worker side are the same class (vLLM builds one per role).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from monitor.client import Catalog, ClientError
+from monitor.integrations.vllm._settings import HALT_STOP_REASON, AdapterSettings, external_id
+from monitor.integrations.vllm._streams import SidecarStreams
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.safety_monitor")  # a child of vLLM's logger: shows in its logs
+
+@dataclass
+class _Read:
+    """Positions ``[start, end)`` of one request whose rows became final this step."""
+
+    req_id: str
+    start: int
+    end: int
+
+
+@dataclass
+class StepMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step."""
+
+    opened: dict[str, list[int]] = field(default_factory=dict)  # req -> prompt token ids
+    blocks: dict[str, list[int]] = field(default_factory=dict)  # req -> hidden-state block ids to append
+    replaced: set[str] = field(default_factory=set)  # resumed after preemption: blocks replace the old ones
+    reads: list[_Read] = field(default_factory=list)
+    finished: dict[str, list[int]] = field(default_factory=dict)  # req -> output token ids
+
+
+@dataclass
+class HaltReport(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, once per step: requests the sidecar advised to halt."""
+
+    halted: dict[str, str] = field(default_factory=dict)  # engine request id -> reason
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, HaltReport):
+            self.halted.update(other.halted)
+        return self
+
+
+@dataclass
+class _SchedState:
+    prompt_len: int
+    sent: int  # positions below this were read already (or are prompt positions)
+
+
+class SafetyMonitorConnector(KVConnectorBase_V1):
+    """Streams response-token activations to the safety-monitor sidecar; honours HALT."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        spec = vllm_config.speculative_config
+        if spec is None or spec.method != "extract_hidden_states":
+            raise ValueError(
+                "speculative_config: expected method 'extract_hidden_states' (it writes the hook layers' "
+                "rows that this connector streams); use monitor.integrations.vllm.engine_config()"
+            )
+        self.settings = AdapterSettings.from_sources(self._kv_transfer_config.kv_connector_extra_config)
+        self._group = _hidden_state_group(kv_cache_config)
+        self._block_size = _block_size(vllm_config, kv_cache_config, self._group)
+        # scheduler side
+        self._sched: dict[str, _SchedState] = {}
+        self._finished: dict[str, list[int]] = {}
+        self._halt_marks: dict[str, str] = {}
+        if role == KVConnectorRole.SCHEDULER and self.settings.halt:
+            _install_halt_check(self._halt_marks)
+        # worker side
+        self._kv: torch.Tensor | None = None
+        self._blocks: dict[str, list[int]] = {}
+        self._streams: SidecarStreams | None = None
+        self._slices: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._halted_lock = threading.Lock()
+        self._halted: dict[str, str] = {}
+        self._ext_to_engine: dict[str, str] = {}
+        self._sent_final: set[str] = set()
+
+    # ==== scheduler side =======================================================================
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return 0, False  # nothing to load: store-only
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = StepMetadata(finished=self._finished)
+        self._finished = {}
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        n_sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = list(new.prompt_token_ids or ())
+            meta.opened[new.req_id] = prompt
+            meta.blocks[new.req_id] = list(new.block_ids[self._group])
+            meta.replaced.add(new.req_id)
+            state = self._sched.setdefault(new.req_id, _SchedState(len(prompt), len(prompt)))
+            self._plan(meta, new.req_id, state, new.num_computed_tokens, n_sched, spec)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                meta.blocks[req_id] = list(new_blocks[self._group])
+                if req_id in cached.resumed_req_ids:
+                    meta.replaced.add(req_id)
+            state = self._sched.get(req_id)
+            if state is not None:
+                self._plan(meta, req_id, state, cached.num_computed_tokens[i], n_sched, spec)
+        return meta
+
+    @staticmethod
+    def _plan(
+        meta: StepMetadata,
+        req_id: str,
+        state: _SchedState,
+        computed: int,
+        n_sched: dict[str, int],
+        spec: dict[str, list[int]],
+    ) -> None:
+        # Positions computed this step, minus speculative ones (read once accepted, next step).
+        end = computed + n_sched.get(req_id, 0) - len(spec.get(req_id, ()))
+        start = max(state.sent, state.prompt_len)
+        if end > start:
+            meta.reads.append(_Read(req_id, start, end))
+            state.sent = end
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(report, HaltReport):
+            self._halt_marks.update(report.halted)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Keep the blocks until the worker has sent the final chunk: that keeps the engine
+        stepping (with empty steps when idle) so the final metadata reaches the worker."""
+        self._sched.pop(request.request_id, None)
+        self._halt_marks.pop(request.request_id, None)
+        self._finished[request.request_id] = list(request.output_token_ids)
+        return True, None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, [])
+
+    def get_finished_count(self) -> int:
+        return 1  # only TP rank 0 streams, so only it reports a finished request
+
+    # ==== worker side ==========================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.model_executor.models.extract_hidden_states import CacheOnlyAttentionLayer
+
+        layers = get_layers_from_vllm_config(self._vllm_config, CacheOnlyAttentionLayer, list(kv_caches))
+        if len(layers) != 1:
+            raise ValueError(f"hidden-state cache: expected 1 CacheOnlyAttentionLayer, got {len(layers)}")
+        self._kv = kv_caches[next(iter(layers))]
+        if self._kv.shape[2] != self._block_size:
+            raise ValueError(f"hidden-state cache: block size {self._kv.shape[2]} != {self._block_size}")
+        if get_tensor_model_parallel_rank() != 0:
+            return  # every TP rank holds the same rows: rank 0 streams them
+        self._start_streams()
+
+    def _start_streams(self) -> None:
+        s = self.settings
+        tokenizer = _load_tokenizer(self._vllm_config)
+        self._streams = SidecarStreams(
+            s.sidecar,
+            token=s.token,
+            projected=s.projected,
+            max_queued_rows=s.max_queued_rows,
+            on_halt=self._on_halt,
+            decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
+        )
+        catalog = _wait_for_catalog(self._streams, s.connect_timeout)
+        self._streams.model = catalog.model
+        by_name = {hp.name: hp for hp in catalog.hook_points}
+        missing = [hp for hp in s.hook_points if hp not in by_name]
+        if missing:
+            raise ValueError(f"hook_points: {missing} are not in the sidecar's catalog {sorted(by_name)}")
+        if s.projected:
+            slices = []
+            for hp in s.hook_points:
+                sl = by_name[hp].encoder_slice
+                if sl is None:
+                    raise ValueError(f"projected: the sidecar has no encoder slice for {hp}; set projected=false")
+                dev = self._kv.device if self._kv is not None else torch.device("cpu")
+                slices.append(
+                    (torch.as_tensor(sl.w_enc, device=dev), torch.as_tensor(sl.b_enc, device=dev))
+                )
+            self._slices = slices
+        log.info(
+            "safety monitor: streaming %s to %s (model %s, %s)",
+            ", ".join(s.hook_points),
+            s.sidecar,
+            catalog.model,
+            "projected" if s.projected else "full rows",
+        )
+
+    def _on_halt(self, external: str, reason: str) -> None:
+        engine_id = self._ext_to_engine.get(external, external)
+        with self._halted_lock:
+            self._halted[engine_id] = reason
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # the pseudo-draft already wrote the rows; they are read after the step
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, StepMetadata):
+            return
+        streams = self._streams
+        if streams is None:  # TP rank > 0: rank 0 streams; only acknowledge finished requests
+            return
+        for req_id, prompt in meta.opened.items():
+            ext = external_id(req_id)
+            self._ext_to_engine[ext] = req_id
+            streams.open(ext, prompt)
+        for req_id, blocks in meta.blocks.items():
+            if req_id in meta.replaced:
+                self._blocks[req_id] = list(blocks)
+            else:
+                self._blocks.setdefault(req_id, []).extend(blocks)
+        if meta.reads:
+            streams.push(self._gather(meta.reads))
+        if meta.finished:
+            log.debug("safety monitor: finished %s", list(meta.finished))
+        for req_id, tokens in meta.finished.items():
+            self._blocks.pop(req_id, None)
+            ext = external_id(req_id)
+            self._ext_to_engine.pop(ext, None)
+            streams.finish(ext, tokens)
+            self._sent_final.add(req_id)
+
+    def _gather(self, reads: list[_Read]) -> dict[str, dict[str, np.ndarray]]:
+        """One index op for the whole batch: slot = block[p // bs] * bs + p % bs."""
+        assert self._kv is not None
+        bs = self._block_size
+        slots: list[int] = []
+        spans: list[tuple[str, int]] = []
+        for r in reads:
+            blocks = self._blocks.get(r.req_id, ())
+            n = 0
+            for p in range(r.start, r.end):
+                b = p // bs
+                if b >= len(blocks):
+                    break
+                slots.append(blocks[b] * bs + p % bs)
+                n += 1
+            spans.append((r.req_id, n))
+        idx = torch.tensor(slots, dtype=torch.long, device=self._kv.device)
+        rows = self._kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
+        per_hook = []
+        for j, _hp in enumerate(self.settings.hook_points):
+            x = rows[:, j, :]
+            if self._slices is not None:
+                w, b = self._slices[j]
+                x = x.to(torch.float32) @ w + b
+            per_hook.append(x.to(torch.float32).cpu().numpy())
+        out: dict[str, dict[str, np.ndarray]] = {}
+        at = 0
+        for req_id, n in spans:
+            if n:
+                out[external_id(req_id)] = {
+                    hp: per_hook[j][at : at + n] for j, hp in enumerate(self.settings.hook_points)
+                }
+            at += n
+        return out
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose final chunk was handed to the streams: their blocks may be freed."""
+        if not self._sent_final:
+            return None, None
+        done, self._sent_final = self._sent_final, set()
+        return done, None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        with self._halted_lock:
+            if not self._halted:
+                return None
+            report, self._halted = HaltReport(dict(self._halted)), {}
+        return report
+
+    def shutdown(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
+
+
+def _wait_for_catalog(streams: SidecarStreams, timeout: float) -> Catalog:
+    """The sidecar's catalog, retried until ``timeout`` (a pod's containers start in any order)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return streams.catalog(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+        except (ClientError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"safety monitor: sidecar {streams.target} did not answer GetDetectors within {timeout:.0f} s "
+                    f"(connect_timeout): {exc}"
+                ) from None
+            time.sleep(0.5)
+
+
+def _hidden_state_group(kv_cache_config: KVCacheConfig | None) -> int:
+    """Index of the KV cache group that holds the extracted hidden states."""
+    if kv_cache_config is None:
+        return 0
+    from vllm.v1.kv_cache_interface import HiddenStateCacheSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    ids = [i for i, g in enumerate(groups) if isinstance(g.kv_cache_spec, HiddenStateCacheSpec)]
+    if len(ids) == 1:
+        return ids[0]
+    if not ids and len(groups) == 1:  # one group for every layer (no hybrid KV cache manager)
+        return 0
+    raise ValueError(f"hidden-state cache: expected one HiddenStateCacheSpec group among {len(groups)}, got {len(ids)}")
+
+
+def _block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, group: int) -> int:
+    if kv_cache_config is None:
+        return int(vllm_config.cache_config.block_size)
+    return int(kv_cache_config.kv_cache_groups[group].kv_cache_spec.block_size)
+
+
+def _load_tokenizer(vllm_config: VllmConfig) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        mc = vllm_config.model_config
+        return AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision)
+    except Exception:
+        log.exception("safety monitor: no tokenizer; verdicts will carry no text")
+        return None
+
+
+_halt_marks_ref: dict[str, str] | None = None
+
+
+def _install_halt_check(marks: dict[str, str]) -> None:
+    """Wrap the scheduler's stop check once: a request the sidecar halted stops at its next token."""
+    global _halt_marks_ref
+    from vllm.v1.core.sched import scheduler as sched_mod
+    from vllm.v1.request import RequestStatus
+
+    _halt_marks_ref = marks
+    original = sched_mod.check_stop
+    if getattr(original, "_safety_monitor", False):
+        return
+
+    def check_stop(request: Any, max_model_len: int) -> bool:
+        if original(request, max_model_len):
+            return True
+        ref = _halt_marks_ref
+        if ref is not None and request.request_id in ref:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = HALT_STOP_REASON
+            return True
+        return False
+
+    check_stop._safety_monitor = True  # type: ignore[attr-defined]
+    sched_mod.check_stop = check_stop

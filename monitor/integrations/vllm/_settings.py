@@ -1,0 +1,136 @@
+"""The adapter's settings: ``kv_connector_extra_config`` keys, with ``SAFETY_MONITOR_*`` env as fallback."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from monitor.hook_points import layer_of
+
+ENV_PREFIX = "SAFETY_MONITOR_"
+CONNECTOR_NAME = "SafetyMonitorConnector"
+CONNECTOR_MODULE = "monitor.integrations.vllm._connector"
+# What a halted request's stop_reason says; the API server maps it to finish_reason "content_filter".
+HALT_STOP_REASON = "safety_monitor_halt"
+
+
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_id(request_id: str) -> str:
+    """The id the client sees: vLLM appends ``-<8 hex>`` to the external id inside the engine.
+
+    >>> external_id("chatcmpl-3f2a-9b1c0d2e")
+    'chatcmpl-3f2a'
+    """
+    return _ENGINE_SUFFIX.sub("", request_id)
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{key}: expected true/false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Where the sidecar is and how the adapter talks to it."""
+
+    sidecar: str
+    hook_points: tuple[str, ...] = ()
+    token: str | None = None
+    projected: bool = True  # apply the encoder slice on the engine's device, ship K values per token
+    halt: bool = True  # abort a request in the engine when the sidecar advises HALT
+    max_queued_rows: int = 65536  # rows waiting for the network, all requests together; more are dropped
+    connect_timeout: float = 30.0  # how long start-up waits for the sidecar's catalog
+
+    @classmethod
+    def from_sources(cls, extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> AdapterSettings:
+        """``extra`` (kv_connector_extra_config) wins over ``SAFETY_MONITOR_<KEY>`` env."""
+        extra = dict(extra or {})
+        env = os.environ if env is None else env
+
+        def get(key: str, default: Any = None) -> Any:
+            if key in extra and extra[key] is not None:
+                return extra[key]
+            return env.get(ENV_PREFIX + key.upper(), default)
+
+        sidecar = get("sidecar")
+        if not sidecar:
+            raise ValueError(
+                "sidecar: expected the sidecar's gRPC address (host:port) in kv_connector_extra_config "
+                f"or {ENV_PREFIX}SIDECAR, got none"
+            )
+        hooks = get("hook_points", ())
+        if isinstance(hooks, str):
+            hooks = tuple(h.strip() for h in hooks.split(",") if h.strip())
+        for hp in hooks:
+            layer_of(hp)  # raises naming the expected form
+        try:
+            max_rows = int(get("max_queued_rows", 65536))
+            timeout = float(get("connect_timeout", 30.0))
+        except ValueError as exc:
+            raise ValueError(f"max_queued_rows / connect_timeout: expected numbers ({exc})") from None
+        if max_rows < 1:
+            raise ValueError(f"max_queued_rows: expected >= 1, got {max_rows}")
+        return cls(
+            sidecar=str(sidecar),
+            hook_points=tuple(hooks),
+            token=get("token") or None,
+            projected=_flag(get("projected", True), "projected"),
+            halt=_flag(get("halt", True), "halt"),
+            max_queued_rows=max_rows,
+            connect_timeout=timeout,
+        )
+
+    def extra_config(self) -> dict[str, Any]:
+        """These settings as ``kv_connector_extra_config`` (what the engine ships to its workers)."""
+        return {
+            "sidecar": self.sidecar,
+            "hook_points": list(self.hook_points),
+            "token": self.token,
+            "projected": self.projected,
+            "halt": self.halt,
+            "max_queued_rows": self.max_queued_rows,
+            "connect_timeout": self.connect_timeout,
+        }
+
+
+def vllm_layer_ids(hook_points: Sequence[str]) -> list[int]:
+    """vLLM's aux hidden-state ids count from the embeddings: ``blocks.L.hook_resid_post`` is L + 1."""
+    return [layer_of(hp) + 1 for hp in hook_points]
+
+
+def engine_config(settings: AdapterSettings) -> dict[str, Any]:
+    """The two engine arguments that switch the adapter on: ``LLM(model, **engine_config(s))``.
+
+    vLLM's ``extract_hidden_states`` method (a pseudo-draft of speculative decoding) writes the
+    chosen layers' rows into a cache-only KV layer inside the model's own step, so capture runs
+    under torch.compile / CUDA graphs and covers prefix-cached blocks; our connector reads each
+    step's new rows from that cache and streams them.
+    """
+    if not settings.hook_points:
+        raise ValueError("hook_points: expected at least one hook point (from the sidecar's catalog)")
+    return {
+        "speculative_config": {
+            "method": "extract_hidden_states",
+            "num_speculative_tokens": 1,
+            "draft_model_config": {
+                "hf_config": {"eagle_aux_hidden_state_layer_ids": vllm_layer_ids(settings.hook_points)}
+            },
+        },
+        "kv_transfer_config": {
+            "kv_connector": CONNECTOR_NAME,
+            "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": settings.extra_config(),
+        },
+    }

