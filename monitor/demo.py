@@ -74,9 +74,16 @@ class AuditTail:
         return self._seen.pop(request_id, {})
 
 
-def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, str, dict[str, Any], int]:
-    """One streaming chat completion over HTTP: (text, finish reason, safety_monitor field, chunks)."""
-    body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True})
+def chat(url: str, prompt: str, max_tokens: int, model: str = "") -> tuple[str, str, dict[str, Any], int]:
+    """One streaming chat completion over HTTP: (text, finish reason, safety_monitor field, chunks).
+
+    The reference server names the sidecar's request id in a ``safety_monitor`` field; vLLM's
+    adapter uses the completion's own ``id``, so that is the fallback.
+    """
+    payload: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    if model:
+        payload["model"] = model
+    body = json.dumps({**payload, "stream": True})
     req = urllib.request.Request(f"{url}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
     text, finish, n = "", "", 0
     monitored: dict[str, Any] = {}
@@ -86,6 +93,7 @@ def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, str, dict[str, An
             text += choice["delta"].get("content", "")
             finish = choice["finish_reason"] or finish
             monitored = event.get("safety_monitor", monitored)
+            monitored.setdefault("request_id", event.get("id", ""))
             n += 1
     return text, finish, monitored, n
 
@@ -193,17 +201,25 @@ def run(ns: argparse.Namespace) -> int:
     sidecar = BackgroundSidecar(config, bundle)
     metrics_url = f"http://127.0.0.1:{sidecar.server.metrics_port}/metrics"
     console.print(f"[bold]sidecar[/] on {sidecar.target}; Prometheus can scrape {metrics_url}; audit log {audit}")
-    ref = None
+    ref: Any = None
     client = MonitorClient(sidecar.target)
     try:
         with console.status("loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~30 s)"):
             model, tokenizer = load_default_model()
-        hooks = [hp.name for hp in bundle.hook_points]
-        mon = GenerationMonitor(
-            model, client, model_id=bundle.model, hook_points=hooks, tokenizer=tokenizer, chunk_tokens=ns.chunk_tokens
-        )
-        ref = ReferenceServer(model, tokenizer, bundle.model, mon, port=ns.http_port).start()
-        console.print(f"[bold]reference server[/] (OpenAI-compatible) on {ref.url}/v1/chat/completions")
+        if ns.engine == "vllm":
+            ref = _start_vllm(ns, sidecar, bundle.model, console)
+        else:
+            hooks = [hp.name for hp in bundle.hook_points]
+            mon = GenerationMonitor(
+                model,
+                client,
+                model_id=bundle.model,
+                hook_points=hooks,
+                tokenizer=tokenizer,
+                chunk_tokens=ns.chunk_tokens,
+            )
+            ref = ReferenceServer(model, tokenizer, bundle.model, mon, port=ns.http_port).start()
+            console.print(f"[bold]reference server[/] (OpenAI-compatible) on {ref.url}/v1/chat/completions")
         prompts = load_prompts(Path(ns.prompts))
         tail = AuditTail(audit)
         rows: list[Row] = []
@@ -213,7 +229,7 @@ def run(ns: argparse.Namespace) -> int:
             with Live(_view(rows, sidecar, ref.url, metrics_url), console=console, refresh_per_second=4) as live:
                 while True:
                     item = prompts[n % len(prompts)]
-                    text, finish, monitored, _chunks = chat(ref.url, item["prompt"], ns.max_new_tokens)
+                    text, finish, monitored, _chunks = chat(ref.url, item["prompt"], ns.max_new_tokens, bundle.model)
                     record = tail.wait_for(str(monitored.get("request_id", "")))
                     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                     rows.append(Row(n, item["kind"], tokens, finish, record, text))
@@ -240,12 +256,42 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _start_vllm(ns: argparse.Namespace, sidecar: BackgroundSidecar, model_id: str, console: Console) -> Any:
+    """``vllm serve`` from vLLM's environment with the adapter on (only SAFETY_MONITOR_SIDECAR set)."""
+    import socket
+
+    from monitor.integrations.vllm._process import VllmServer
+    from monitor.models import default_model_cache
+
+    port = ns.http_port
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    work = Path(tempfile.mkdtemp(prefix="monitor-demo-vllm-"))
+    server = VllmServer(default_model_cache(), port=port, workdir=work, served_name=model_id, sidecar=sidecar.target)
+    try:
+        with console.status(f"starting vllm serve (about 30-60 s; log {server.log_path})"):
+            server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    console.print(f"[bold]vllm serve[/] (OpenAI-compatible, adapter on) on {server.url}/v1/chat/completions")
+    return server
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the sidecar + the reference inference server with live traffic",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--engine",
+        choices=("reference", "vllm"),
+        default="reference",
+        help="inference server: the reference server, or `vllm serve` with the adapter (make install-vllm)",
     )
     p.add_argument("--duration", type=float, help="seconds to run, looping over the prompts (default: one pass)")
     p.add_argument("--requests", type=int, help="number of requests when no --duration (default: all prompts)")

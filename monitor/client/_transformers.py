@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.client._errors import ClientError
-from monitor.hook_points import layer_of
 from monitor.client._sync import MonitorClient
 from monitor.client._types import ChunkVerdict, EncoderSlice
+from monitor.hook_points import layer_of
 
 _END = object()
 

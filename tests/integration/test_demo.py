@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from monitor.integrations.vllm._process import find_vllm_python
+
 
 def test_demo_shows_scores_and_a_fired_detector() -> None:
     # The first four demo prompts: three ordinary requests, then a harmful request the model
@@ -45,5 +49,43 @@ def test_demo_shows_scores_and_a_fired_detector() -> None:
     assert "safety_monitor_audit_records_total{result=written} = 4" in out
 
 
+def test_demo_with_vllm_serve_shows_scores() -> None:
+    """`make demo-vllm`: the same view, with vLLM (adapter on) as the inference server."""
+    try:
+        find_vllm_python()
+    except FileNotFoundError as exc:
+        pytest.skip(f"vLLM environment missing: {exc}")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "demo",
+            "--engine",
+            "vllm",
+            "--requests",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**_keep_env(), "COLUMNS": "220", "HF_HUB_OFFLINE": "1"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "vllm serve (OpenAI-compatible, adapter on) on http://127.0.0.1:" in out
+    rows = [line for line in out.splitlines() if re.match(r"^│ \d+ +│", line)]
+    assert len(rows) == 4
+    assert all(len(re.findall(r"\b[01]\.\d\d!?", row)) >= 3 for row in rows)  # verdicts found by completion id
+    assert "safety_monitor_generations_scored_total{rpc=ScoreStream} = 4" in out
+
+
 def _keep_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "SAFETY_MONITOR_CACHE", "PYTHONPATH")}
+    keep = ("HOME", "PATH", "SAFETY_MONITOR_CACHE", "SAFETY_MONITOR_VLLM_PYTHON", "PYTHONPATH")
+    return {k: v for k, v in os.environ.items() if k in keep}

@@ -50,10 +50,10 @@ PROMPTS = [
     "Describe a rainbow to a child.",
 ]
 MAX_TOKENS = 40
-# Scores are sums of ~576-dim dot products over up to 39 tokens. vLLM's fp32 kernels differ from
-# HF's by up to ~4e-3 per activation (measured: docs/vllm.md); the projected path rounds once more.
-SCORE_ATOL = 0.05
-PROB_ATOL = 0.01
+# vLLM's fp32 kernels and HF's differ in the last bits; the adapter ships projected K values, the
+# HF side full rows that the sidecar projects. Measured over 12 requests: 1.7e-5 / 5e-6.
+SCORE_ATOL = 2e-3  # measured: 1.7e-5 (docs/vllm.md)
+PROB_ATOL = 1e-3  # measured: 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,7 @@ def test_every_request_is_streamed_and_matches_hf_score(llm_run: dict[str, Any])
     requests = llm_run["requests"]
     assert len(requests) == len(PROMPTS) >= 8
     audit = llm_run["audit"]
+    worst = {"score": 0.0, "probability": 0.0}
     for r in requests:
         rec = audit.get(r["request_id"])
         assert rec is not None, f"request {r['request_id']} has no final verdict in the audit log"
@@ -146,9 +147,15 @@ def test_every_request_is_streamed_and_matches_hf_score(llm_run: dict[str, Any])
         assert set(rec["detectors"]) == set(hf)
         for name, (score, prob) in hf.items():
             got = rec["detectors"][name]
+            worst["score"] = max(worst["score"], abs(got["score"] - score))
+            worst["probability"] = max(worst["probability"], abs(got["probability"] - prob))
             assert abs(got["score"] - score) <= SCORE_ATOL, (r["request_id"], name, got["score"], score)
             assert abs(got["probability"] - prob) <= PROB_ATOL, (r["request_id"], name, got["probability"], prob)
         assert rec["text_stats"]["words"] == pytest.approx(len(r["text"].split()), abs=2)
+    print(
+        f"vLLM stream vs HF Score over {len(requests)} requests: max |score diff| {worst['score']:.2e}, "
+        f"max |probability diff| {worst['probability']:.2e}"
+    )
 
 
 def test_no_row_is_attributed_to_another_request(llm_run: dict[str, Any]) -> None:
@@ -174,7 +181,10 @@ def test_vllm_greedy_text_equals_transformers(llm_run: dict[str, Any], model: tu
         assert r["text"].strip(), "vLLM produced empty text (embedding not loaded?)"
         with torch.no_grad():
             ref = lm.generate(
-                torch.tensor([r["prompt_ids"]]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id
+                torch.tensor([r["prompt_ids"]]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
             )[0, len(r["prompt_ids"]) :].tolist()
         n = min(len(ref), len(r["output_ids"]), 16)
         same += ref[:n] == r["output_ids"][:n]

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.safety_monitor")  # a child of vLLM's logger: shows in its logs
 
+
 @dataclass
 class _Read:
     """Positions ``[start, end)`` of one request whose rows became final this step."""
@@ -111,6 +112,8 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         self._halt_marks: dict[str, str] = {}
         if role == KVConnectorRole.SCHEDULER and self.settings.halt:
             _install_halt_check(self._halt_marks)
+        if role == KVConnectorRole.WORKER and not vllm_config.scheduler_config.async_scheduling:
+            _drop_pseudo_drafts()
         # worker side
         self._kv: torch.Tensor | None = None
         self._blocks: dict[str, list[int]] = {}
@@ -147,9 +150,9 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 meta.blocks[req_id] = list(new_blocks[self._group])
                 if req_id in cached.resumed_req_ids:
                     meta.replaced.add(req_id)
-            state = self._sched.get(req_id)
-            if state is not None:
-                self._plan(meta, req_id, state, cached.num_computed_tokens[i], n_sched, spec)
+            known = self._sched.get(req_id)
+            if known is not None:
+                self._plan(meta, req_id, known, cached.num_computed_tokens[i], n_sched, spec)
         return meta
 
     @staticmethod
@@ -213,6 +216,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             token=s.token,
             projected=s.projected,
             max_queued_rows=s.max_queued_rows,
+            chunk_tokens=s.chunk_tokens,
             on_halt=self._on_halt,
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
         )
@@ -229,9 +233,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 if sl is None:
                     raise ValueError(f"projected: the sidecar has no encoder slice for {hp}; set projected=false")
                 dev = self._kv.device if self._kv is not None else torch.device("cpu")
-                slices.append(
-                    (torch.as_tensor(sl.w_enc, device=dev), torch.as_tensor(sl.b_enc, device=dev))
-                )
+                slices.append((torch.as_tensor(sl.w_enc, device=dev), torch.as_tensor(sl.b_enc, device=dev)))
             self._slices = slices
         log.info(
             "safety monitor: streaming %s to %s (model %s, %s)",
@@ -306,8 +308,8 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         for j, _hp in enumerate(self.settings.hook_points):
             x = rows[:, j, :]
             if self._slices is not None:
-                w, b = self._slices[j]
-                x = x.to(torch.float32) @ w + b
+                w, bias = self._slices[j]
+                x = x.to(torch.float32) @ w + bias
             per_hook.append(x.to(torch.float32).cpu().numpy())
         out: dict[str, dict[str, np.ndarray]] = {}
         at = 0
@@ -332,6 +334,11 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 return None
             report, self._halted = HaltReport(dict(self._halted)), {}
         return report
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """The layout vLLM's own hidden-states connector reads with the same indexing."""
+        return "LBNHC"
 
     def shutdown(self) -> None:
         if self._streams is not None:
@@ -384,6 +391,31 @@ def _load_tokenizer(vllm_config: VllmConfig) -> Any:
     except Exception:
         log.exception("safety monitor: no tokenizer; verdicts will carry no text")
         return None
+
+
+def _drop_pseudo_drafts() -> None:
+    """Keep extract_hidden_states' capture, drop its pseudo-draft token.
+
+    The method's proposer caches the step's hidden states and then proposes the sampled token
+    again as a one-token "draft", which the next step verifies (and nearly always rejects): every
+    decode step computes two positions per request instead of one. On a GPU that position is
+    almost free; on a CPU, where the forward is compute-bound, it cost a third of the throughput
+    (measured: docs/vllm.md). Returning no drafts (the same shape ngram uses when it has no
+    proposal) keeps the capture and schedules one position per request. With async scheduling
+    the scheduler reserves draft slots before proposals exist, so there it is left alone.
+    """
+    from vllm.v1.spec_decode.extract_hidden_states import ExtractHiddenStatesProposer
+
+    original = ExtractHiddenStatesProposer.propose
+    if getattr(original, "_safety_monitor", False):
+        return
+
+    def propose(self: Any, *args: Any, **kwargs: Any) -> Any:
+        drafts = original(self, *args, **kwargs)  # caches the hidden states
+        return [[] for _ in range(int(drafts.shape[0]))]
+
+    propose._safety_monitor = True  # type: ignore[attr-defined]
+    ExtractHiddenStatesProposer.propose = propose
 
 
 _halt_marks_ref: dict[str, str] | None = None

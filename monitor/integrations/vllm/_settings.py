@@ -50,10 +50,13 @@ class AdapterSettings:
     projected: bool = True  # apply the encoder slice on the engine's device, ship K values per token
     halt: bool = True  # abort a request in the engine when the sidecar advises HALT
     max_queued_rows: int = 65536  # rows waiting for the network, all requests together; more are dropped
+    chunk_tokens: int = 16  # rows per ScoreStream chunk (HALT advice is at most one chunk late)
     connect_timeout: float = 30.0  # how long start-up waits for the sidecar's catalog
 
     @classmethod
-    def from_sources(cls, extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> AdapterSettings:
+    def from_sources(
+        cls, extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> AdapterSettings:
         """``extra`` (kv_connector_extra_config) wins over ``SAFETY_MONITOR_<KEY>`` env."""
         extra = dict(extra or {})
         env = os.environ if env is None else env
@@ -76,11 +79,14 @@ class AdapterSettings:
             layer_of(hp)  # raises naming the expected form
         try:
             max_rows = int(get("max_queued_rows", 65536))
+            chunk = int(get("chunk_tokens", 16))
             timeout = float(get("connect_timeout", 30.0))
         except ValueError as exc:
-            raise ValueError(f"max_queued_rows / connect_timeout: expected numbers ({exc})") from None
+            raise ValueError(f"max_queued_rows / chunk_tokens / connect_timeout: expected numbers ({exc})") from None
         if max_rows < 1:
             raise ValueError(f"max_queued_rows: expected >= 1, got {max_rows}")
+        if chunk < 1:
+            raise ValueError(f"chunk_tokens: expected >= 1, got {chunk}")
         return cls(
             sidecar=str(sidecar),
             hook_points=tuple(hooks),
@@ -88,6 +94,7 @@ class AdapterSettings:
             projected=_flag(get("projected", True), "projected"),
             halt=_flag(get("halt", True), "halt"),
             max_queued_rows=max_rows,
+            chunk_tokens=chunk,
             connect_timeout=timeout,
         )
 
@@ -100,6 +107,7 @@ class AdapterSettings:
             "projected": self.projected,
             "halt": self.halt,
             "max_queued_rows": self.max_queued_rows,
+            "chunk_tokens": self.chunk_tokens,
             "connect_timeout": self.connect_timeout,
         }
 

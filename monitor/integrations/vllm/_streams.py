@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -72,12 +71,18 @@ class SidecarStreams:
         token: str | None = None,
         projected: bool = False,
         max_queued_rows: int = 65536,
+        chunk_tokens: int = 16,
+        max_delay: float = 0.5,
         on_halt: Callable[[str, str], None] | None = None,
         decode: Decode | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> None:
         if max_queued_rows < 1:
             raise ValueError(f"max_queued_rows: expected >= 1, got {max_queued_rows}")
+        if chunk_tokens < 1 or max_delay < 0:
+            raise ValueError(f"chunk_tokens / max_delay: expected >= 1 / >= 0, got {chunk_tokens} / {max_delay}")
+        self.chunk_tokens = chunk_tokens
+        self.max_delay = max_delay
         self.target = target
         self.model = model
         self.projected = projected
@@ -197,15 +202,34 @@ class SidecarStreams:
             log.exception("safety monitor: could not decode %d token ids", len(ids))
             return ""
 
+    async def _collect(self, req: _Request) -> list[_Item]:
+        """Wait for the next chunk: ``chunk_tokens`` rows, the final item, or ``max_delay`` after the
+        first row, whichever comes first (fewer, larger chunks: less sidecar and network work per
+        token; HALT advice is at most one chunk late)."""
+        items = [await req.queue.get()]
+        n = max((len(a) for a in items[0].rows.values()), default=0)
+        deadline = self._loop.time() + self.max_delay
+        while n < self.chunk_tokens and not items[-1].final:
+            if req.queue.empty():
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(req.queue.get(), left))
+                except TimeoutError:
+                    break
+            else:
+                items.append(req.queue.get_nowait())
+            n += max((len(a) for a in items[-1].rows.values()), default=0)
+        return items
+
     async def _serve(self, req: _Request) -> None:
-        """Send this request's chunks as they come, merging whatever queued up meanwhile."""
+        """Send this request's chunks as they come."""
         stream = None
         failed = False
         try:
             while True:
-                items = [await req.queue.get()]
-                while not req.queue.empty():
-                    items.append(req.queue.get_nowait())
+                items = await self._collect(req)
                 rows: dict[str, list[np.ndarray]] = {}
                 final = None
                 for it in items:
