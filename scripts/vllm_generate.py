@@ -47,7 +47,9 @@ def main() -> int:
     )
     prompts = json.loads(Path(ns.prompts).read_text())
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0)
-    llm.chat([[{"role": "user", "content": "Hi"}]], params, use_tqdm=False)  # warm-up, not timed
+    # Warm-up, not timed: the whole batch once, short (the first full batch runs ~20 % slower).
+    warm = SamplingParams(max_tokens=8, temperature=0.0)
+    llm.chat([[{"role": "user", "content": q}] for q in prompts], warm, use_tqdm=False)
     runs = []
     outputs = []
     for _ in range(ns.repeats):

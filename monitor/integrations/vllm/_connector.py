@@ -123,6 +123,8 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         self._halted: dict[str, str] = {}
         self._ext_to_engine: dict[str, str] = {}
         self._sent_final: set[str] = set()
+        self._next_report = 0.0
+        self._reported = (0, 0)
 
     # ==== scheduler side =======================================================================
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -285,6 +287,26 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             self._ext_to_engine.pop(ext, None)
             streams.finish(ext, tokens)
             self._sent_final.add(req_id)
+        self._report_losses(streams)
+
+    def _report_losses(self, streams: SidecarStreams, every: float = 30.0) -> None:
+        """Log dropped rows and unmonitored requests (at most every ``every`` s), never silently."""
+        now = time.monotonic()
+        if now < self._next_report:
+            return
+        self._next_report = now + every
+        st = streams.stats
+        if (st.rows_dropped, st.failed) != self._reported:
+            self._reported = (st.rows_dropped, st.failed)
+            log.warning(
+                "safety monitor: %d rows dropped (queue full or stream failed), %d of %d requests unmonitored, "
+                "%d rows sent, %d halts so far",
+                st.rows_dropped,
+                st.failed,
+                st.requests,
+                st.rows_sent,
+                st.halts,
+            )
 
     def _gather(self, reads: list[_Read]) -> dict[str, dict[str, np.ndarray]]:
         """One index op for the whole batch: slot = block[p // bs] * bs + p % bs."""
