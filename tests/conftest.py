@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import ServerConfig
+from monitor.detectors import default_bundle_path
 from monitor.server import BackgroundSidecar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +60,15 @@ def sidecar() -> Iterator[ServerThread]:
     st = ServerThread(config())
     yield st
     st.stop()
+
+
+def always_firing_bundle(folder: Path) -> Path:
+    """A copy of the default bundle whose critical detector fires on anything (threshold -1e9)."""
+    bundle = folder / "bundle"
+    shutil.copytree(default_bundle_path(), bundle)
+    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    for d in manifest["detectors"]:
+        if d["critical"]:
+            d["threshold"] = -1e9
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return bundle

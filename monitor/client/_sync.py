@@ -127,11 +127,13 @@ class MonitorClient(_DeliveryCounts):
             raise map_rpc_error(exc) from None
         return _wire.ingest_report(summary)
 
-    def get_detectors(self) -> Catalog:
+    def get_detectors(self, *, timeout: float | None = None) -> Catalog:
         """What the sidecar's bundle expects (model, hook points, d_model, detectors)."""
         try:
             return _wire.catalog(
-                self._stub.GetDetectors(pb.GetDetectorsRequest(), timeout=self.timeout, metadata=self._metadata)
+                self._stub.GetDetectors(
+                    pb.GetDetectorsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                )
             )
         except grpc.RpcError as exc:
             raise map_rpc_error(exc) from None

@@ -13,28 +13,7 @@ from monitor.integrations.vllm._process import find_vllm_python
 def test_demo_shows_scores_and_a_fired_detector() -> None:
     # The first four demo prompts: three ordinary requests, then a harmful request the model
     # answers with an apology ("I'm sorry for any offense, but ..."), which the refusal detectors flag.
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monitor",
-            "demo",
-            "--requests",
-            "4",
-            "--max-new-tokens",
-            "24",
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**_keep_env(), "COLUMNS": "220", "HF_HUB_OFFLINE": "1"},
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
+    out = run_demo()
     assert "4 generations monitored" in out
     assert "reference server (OpenAI-compatible) on http://127.0.0.1:" in out
     # scores are shown: one probability cell per behaviour on every request row
@@ -55,35 +34,28 @@ def test_demo_with_vllm_serve_shows_scores() -> None:
         find_vllm_python()
     except FileNotFoundError as exc:
         pytest.skip(f"vLLM environment missing: {exc}")
+    out = run_demo("--engine", "vllm")
+    assert "vllm serve (OpenAI-compatible, adapter on) on http://127.0.0.1:" in out
+    rows = [line for line in out.splitlines() if re.match(r"^│ \d+ +│", line)]
+    assert len(rows) == 4
+    assert all(len(re.findall(r"\b[01]\.\d\d!?", row)) >= 3 for row in rows)  # verdicts found by completion id
+    assert "safety_monitor_generations_scored_total{rpc=ScoreStream} = 4" in out
+
+
+DEMO_ARGS = ("--requests", "4", "--max-new-tokens", "24", "--metrics-port", "0", "--http-port", "0")
+
+
+def run_demo(*extra: str) -> str:
+    """`monitor demo` on the first four prompts, on free ports; its stdout (exit 0 asserted)."""
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monitor",
-            "demo",
-            "--engine",
-            "vllm",
-            "--requests",
-            "4",
-            "--max-new-tokens",
-            "24",
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-        ],
+        [sys.executable, "-m", "monitor", "demo", *extra, *DEMO_ARGS],
         capture_output=True,
         text=True,
         timeout=600,
         env={**_keep_env(), "COLUMNS": "220", "HF_HUB_OFFLINE": "1"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
-    assert "vllm serve (OpenAI-compatible, adapter on) on http://127.0.0.1:" in out
-    rows = [line for line in out.splitlines() if re.match(r"^│ \d+ +│", line)]
-    assert len(rows) == 4
-    assert all(len(re.findall(r"\b[01]\.\d\d!?", row)) >= 3 for row in rows)  # verdicts found by completion id
-    assert "safety_monitor_generations_scored_total{rpc=ScoreStream} = 4" in out
+    return r.stdout
 
 
 def _keep_env() -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -12,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from monitor.client import GenerationMonitor, MonitorClient
-from monitor.detectors import default_bundle_path
 from monitor.models import load_default_model
 from monitor.reference import ReferenceServer, iter_sse
-from tests.conftest import HOOK, MODEL, ServerThread, config, free_port, sample
+from tests.conftest import HOOK, MODEL, ServerThread, always_firing_bundle, config, free_port, sample
 
 MESSAGES = [{"role": "user", "content": "Name three rivers in Europe."}]
 
@@ -127,13 +124,7 @@ def test_streaming_matches_non_streaming_and_bad_requests_are_named(
 
 def test_halt_advice_stops_generation(tmp_path: Path, model: tuple[Any, Any]) -> None:
     """A bundle whose critical detector fires on anything (threshold -1e9): the sidecar says HALT."""
-    bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle_path(), bundle)
-    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
-    for d in manifest["detectors"]:
-        if d["critical"]:
-            d["threshold"] = -1e9
-    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    bundle = always_firing_bundle(tmp_path)
     sidecar = ServerThread(config(bundle=str(bundle)))
     try:
         resp = chat_once(model, sidecar.target, max_tokens=64, chunk_tokens=2)

@@ -14,7 +14,6 @@ Needs ``make install-vllm`` (CI runs it). Without it the tests skip with that re
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -24,14 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from monitor.client import Generation, MonitorClient
-from monitor.detectors import default_bundle_path
 from monitor.integrations.vllm import CONTENT_FILTER
 from monitor.integrations.vllm._process import REPO, VllmServer, find_vllm_python, vllm_env
 from monitor.models import default_model_cache, load_default_model
-from tests.conftest import HOOK, MODEL, ServerThread, config, free_port
+from tests.conftest import HOOK, MODEL, ServerThread, always_firing_bundle, config, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -201,13 +198,7 @@ def _chat(url: str, body: dict[str, Any]) -> Any:
 
 def test_halt_aborts_the_request_in_vllm_serve(tmp_path: Path, vllm_python: Path) -> None:
     """Only SAFETY_MONITOR_SIDECAR is set: the plugin turns capture on; HALT ends the request early."""
-    bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle_path(), bundle)
-    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
-    for d in manifest["detectors"]:
-        if d["critical"]:
-            d["threshold"] = -1e9
-    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    bundle = always_firing_bundle(tmp_path)
     audit = tmp_path / "audit.jsonl"
     sidecar = ServerThread(config(bundle=str(bundle), audit_log=str(audit)))
     server = VllmServer(

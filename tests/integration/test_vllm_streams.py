@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from monitor.client import Generation, MonitorClient
-from monitor.detectors import default_bundle_path
 from monitor.integrations.vllm._streams import SidecarStreams
-from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port
+from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, always_firing_bundle, config, free_port
 
 
 def rows(n: int, seed: int) -> np.ndarray:
@@ -84,13 +81,7 @@ def test_a_sidecar_that_is_down_costs_the_engine_nothing(tmp_path: Path) -> None
 
 
 def test_halt_advice_is_reported_once(tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle_path(), bundle)
-    manifest = yaml.safe_load((bundle / "bundle.yaml").read_text())
-    for d in manifest["detectors"]:
-        if d["critical"]:
-            d["threshold"] = -1e9
-    (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    bundle = always_firing_bundle(tmp_path)
     sidecar = ServerThread(config(bundle=str(bundle)))
     halts: list[tuple[str, str]] = []
     got = threading.Event()

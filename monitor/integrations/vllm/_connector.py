@@ -39,8 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from monitor.client import Catalog, ClientError
-from monitor.integrations.vllm._settings import HALT_STOP_REASON, AdapterSettings, external_id
+from monitor.integrations.vllm._settings import HALT_STOP_REASON, AdapterSettings, external_id, wait_for_catalog
 from monitor.integrations.vllm._streams import SidecarStreams
 
 if TYPE_CHECKING:
@@ -213,7 +212,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
     def _start_streams(self) -> None:
         s = self.settings
         tokenizer = _load_tokenizer(self._vllm_config)
-        self._streams = SidecarStreams(
+        self._streams = streams = SidecarStreams(
             s.sidecar,
             token=s.token,
             projected=s.projected,
@@ -222,7 +221,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             on_halt=self._on_halt,
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
         )
-        catalog = _wait_for_catalog(self._streams, s.connect_timeout)
+        catalog = wait_for_catalog(lambda t: streams.catalog(timeout=t), s.sidecar, s.connect_timeout)
         self._streams.model = catalog.model
         by_name = {hp.name: hp for hp in catalog.hook_points}
         missing = [hp for hp in s.hook_points if hp not in by_name]
@@ -366,21 +365,6 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         if self._streams is not None:
             self._streams.close()
             self._streams = None
-
-
-def _wait_for_catalog(streams: SidecarStreams, timeout: float) -> Catalog:
-    """The sidecar's catalog, retried until ``timeout`` (a pod's containers start in any order)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return streams.catalog(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
-        except (ClientError, TimeoutError) as exc:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"safety monitor: sidecar {streams.target} did not answer GetDetectors within {timeout:.0f} s "
-                    f"(connect_timeout): {exc}"
-                ) from None
-            time.sleep(0.5)
 
 
 def _hidden_state_group(kv_cache_config: KVCacheConfig | None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 from monitor.integrations.vllm._settings import (
@@ -23,6 +22,7 @@ from monitor.integrations.vllm._settings import (
     HALT_STOP_REASON,
     AdapterSettings,
     engine_config,
+    wait_for_catalog,
 )
 
 log = logging.getLogger("vllm.safety_monitor")  # a child of vLLM's logger: shows in its logs
@@ -98,22 +98,13 @@ def resolve_settings(settings: AdapterSettings | None = None) -> AdapterSettings
         return settings
     from dataclasses import replace
 
-    from monitor.client import ClientError, MonitorClient
+    from monitor.client import MonitorClient
 
-    deadline = time.monotonic() + settings.connect_timeout
-    client = MonitorClient(settings.sidecar, token=settings.token, timeout=5.0)
+    client = MonitorClient(settings.sidecar, token=settings.token)
     try:
-        while True:
-            try:
-                catalog = client.get_detectors()
-                break
-            except ClientError as exc:
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"safety monitor: sidecar {settings.sidecar} did not answer GetDetectors within "
-                        f"{settings.connect_timeout:.0f} s, and {ENV_PREFIX}HOOK_POINTS is not set: {exc}"
-                    ) from None
-                time.sleep(0.5)
+        catalog = wait_for_catalog(
+            lambda t: client.get_detectors(timeout=t), settings.sidecar, settings.connect_timeout
+        )
     finally:
         client.close()
     return replace(settings, hook_points=tuple(hp.name for hp in catalog.hook_points))

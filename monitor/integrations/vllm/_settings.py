@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.client import Catalog, ClientError
 from monitor.hook_points import layer_of
 
 ENV_PREFIX = "SAFETY_MONITOR_"
@@ -142,3 +144,18 @@ def engine_config(settings: AdapterSettings) -> dict[str, Any]:
             "kv_connector_extra_config": settings.extra_config(),
         },
     }
+
+
+def wait_for_catalog(fetch: Callable[[float], Catalog], target: str, timeout: float) -> Catalog:
+    """``fetch(per_try_timeout)`` retried until ``timeout`` s: a pod's containers start in any order."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fetch(max(1.0, min(10.0, deadline - time.monotonic())))
+        except (ClientError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"safety monitor: sidecar {target} did not answer GetDetectors within {timeout:.0f} s "
+                    f"(connect_timeout): {exc}"
+                ) from None
+            time.sleep(0.5)
