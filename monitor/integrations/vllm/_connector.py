@@ -85,12 +85,6 @@ class HaltReport(KVConnectorWorkerMetadata):
         return self
 
 
-@dataclass
-class _SchedState:
-    prompt_len: int
-    sent: int  # positions below this were read already (or are prompt positions)
-
-
 class SafetyMonitorConnector(KVConnectorBase_V1):
     """Streams response-token activations to the safety-monitor sidecar; honours HALT."""
 
@@ -106,7 +100,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         self._group = _hidden_state_group(kv_cache_config)
         self._block_size = _block_size(vllm_config, kv_cache_config, self._group)
         # scheduler side
-        self._sched: dict[str, _SchedState] = {}
+        self._next_read: dict[str, int] = {}  # request -> first position not yet read (starts at the prompt's end)
         self._finished: dict[str, list[int]] = {}
         self._halt_marks: dict[str, str] = {}
         if role == KVConnectorRole.SCHEDULER and self.settings.halt:
@@ -142,8 +136,8 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             meta.opened[new.req_id] = prompt
             meta.blocks[new.req_id] = list(new.block_ids[self._group])
             meta.replaced.add(new.req_id)
-            state = self._sched.setdefault(new.req_id, _SchedState(len(prompt), len(prompt)))
-            self._plan(meta, new.req_id, state, new.num_computed_tokens, n_sched, spec)
+            self._next_read.setdefault(new.req_id, len(prompt))
+            self._plan(meta, new.req_id, new.num_computed_tokens, n_sched, spec)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_blocks = cached.new_block_ids[i]
@@ -151,26 +145,19 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 meta.blocks[req_id] = list(new_blocks[self._group])
                 if req_id in cached.resumed_req_ids:
                     meta.replaced.add(req_id)
-            known = self._sched.get(req_id)
-            if known is not None:
-                self._plan(meta, req_id, known, cached.num_computed_tokens[i], n_sched, spec)
+            if req_id in self._next_read:
+                self._plan(meta, req_id, cached.num_computed_tokens[i], n_sched, spec)
         return meta
 
-    @staticmethod
     def _plan(
-        meta: StepMetadata,
-        req_id: str,
-        state: _SchedState,
-        computed: int,
-        n_sched: dict[str, int],
-        spec: dict[str, list[int]],
+        self, meta: StepMetadata, req_id: str, computed: int, n_sched: dict[str, int], spec: dict[str, list[int]]
     ) -> None:
         # Positions computed this step, minus speculative ones (read once accepted, next step).
         end = computed + n_sched.get(req_id, 0) - len(spec.get(req_id, ()))
-        start = max(state.sent, state.prompt_len)
+        start = self._next_read[req_id]
         if end > start:
             meta.reads.append(_Read(req_id, start, end))
-            state.sent = end
+            self._next_read[req_id] = end
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -180,7 +167,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Keep the blocks until the worker has sent the final chunk: that keeps the engine
         stepping (with empty steps when idle) so the final metadata reaches the worker."""
-        self._sched.pop(request.request_id, None)
+        self._next_read.pop(request.request_id, None)
         self._halt_marks.pop(request.request_id, None)
         self._finished[request.request_id] = list(request.output_token_ids)
         return True, None
