@@ -31,7 +31,12 @@ class ServerConfig:
     metrics_host / metrics_port: where ``/metrics`` is served over HTTP (port 0 picks one).
     max_message_bytes: largest gRPC message accepted or sent, in bytes (default 64 MiB).
     workers: threads that decode and score requests.
-    max_in_flight: RPCs processed at once; more are shed with RESOURCE_EXHAUSTED (counted).
+    max_in_flight: unary RPCs (Score, GetDetectors) processed at once; more are shed with
+        RESOURCE_EXHAUSTED (counted).
+    max_streams: ScoreStream and Ingest calls open at once (a separate budget, so idle or
+        abandoned streams never starve Score); more are shed with RESOURCE_EXHAUSTED (counted).
+    stream_idle_seconds: a stream that sends no message for this long is ended DEADLINE_EXCEEDED.
+    max_stream_chunks: most messages in one ScoreStream or Ingest call (RESOURCE_EXHAUSTED past it).
     max_tokens: largest token count of one activation block (one request or one stream chunk).
     max_stream_tokens: largest total token count of one ScoreStream.
     drain_seconds: on SIGTERM, how long in-flight RPCs may run before the server exits.
@@ -44,8 +49,18 @@ class ServerConfig:
         Without either, the first ``drift_reference_events`` events become the reference.
     drift_reference_events: events per statistic in the reference sample.
     drift_window_events: events per statistic in the sliding current window.
-    drift_save_seconds: how often the drift state is written to ``drift_state`` (and at shutdown).
+    drift_save_seconds: how often the drift state is written (atomically) to ``drift_state``;
+        also written at shutdown. A SIGKILL loses at most this many seconds of drift events.
     audit_log: JSONL file that gets one record per finished generation (None: no audit log).
+        A reply is sent only once its record is written and flushed to the OS.
+    audit_fsync: also fsync each group commit before replying (survives power loss, not only a
+        killed process; costs one fsync per burst).
+    audit_max_bytes / audit_backups / audit_max_age_seconds: rotate the audit log when it would
+        pass this size or age (0: never), keeping this many old files (audit.jsonl.1 is the newest).
+    tls_cert / tls_key: PEM server certificate chain and key: gRPC and ``/metrics`` serve TLS only.
+        The files are re-read when they change (new connections get the new certificate).
+    tls_client_ca: PEM CA bundle: clients (gRPC and ``/metrics``) must present a certificate it
+        signed (mutual TLS). Needs tls_cert and tls_key.
     critic_url: base URL of an OpenAI-compatible server to critique outputs with (None: no critiques).
     critic_model: model name sent to the critic.
     critique_mode: fast (one yes/no token per principle) or full (a parsed written critique).
@@ -63,6 +78,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     workers: int = 2
     max_in_flight: int = 64
+    max_streams: int = 32
+    stream_idle_seconds: float = 30.0
+    max_stream_chunks: int = 16384
     max_tokens: int = 8192
     max_stream_tokens: int = 65536
     drain_seconds: float = 30.0
@@ -73,8 +91,15 @@ class ServerConfig:
     drift_baseline: str | None = None
     drift_reference_events: int = 2000
     drift_window_events: int = 500
-    drift_save_seconds: float = 60.0
+    drift_save_seconds: float = 5.0
     audit_log: str | None = None
+    audit_fsync: bool = False
+    audit_max_bytes: int = 256 * 1024 * 1024
+    audit_backups: int = 5
+    audit_max_age_seconds: float = 0.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     critic_url: str | None = None
     critic_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     critique_mode: str = "fast"
@@ -94,6 +119,8 @@ class ServerConfig:
             "max_message_bytes",
             "workers",
             "max_in_flight",
+            "max_streams",
+            "max_stream_chunks",
             "max_tokens",
             "max_stream_tokens",
             "drift_reference_events",
@@ -105,6 +132,19 @@ class ServerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {value}")
+        for name in ("audit_max_bytes", "audit_backups", "audit_max_age_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.stream_idle_seconds <= 0:
+            raise ConfigError(f"stream_idle_seconds: expected > 0, got {self.stream_idle_seconds}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert / tls_key: expected both (a certificate and its key) or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name}: expected a readable PEM file, got {value!r} (no such file)")
         if self.drain_seconds < 0:
             raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
         if self.critique_mode not in ("fast", "full"):
@@ -130,6 +170,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             return None
         raise ConfigError(f"{key} ({source}): expected a value, got nothing")
     try:
+        if kind.startswith("bool"):
+            return _bool(value)
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -139,6 +181,17 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} ({source}): expected {kind.split(' ')[0]}, got {value!r}") from None
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def load_config(

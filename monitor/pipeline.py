@@ -8,6 +8,7 @@ plug in as later stages of the same object.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,9 @@ MAX_REQUEST_ID = 128
 MAX_LABELS = 8
 MAX_LABEL_VALUE = 128
 MAX_TEXT_CHARS = 1_000_000
+# Largest |value| accepted in an activation. Residual streams of real models stay below ~1e4;
+# bounding the input keeps every sum, norm and score finite in float32.
+MAX_ABS_ACTIVATION = 1e6
 _LABEL_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
 
 
@@ -208,7 +212,7 @@ class Pipeline:
             if feats is not None:
                 running.update(hp.name, feats)
             nbytes += len(block.tensor.data)
-        results = tuple(running.results())
+        results = _finite_results(running.results())
         stats = text_statistics(req.prompt, req.output)
         changes = self.observe(stats, results)
         return ScoreResult(
@@ -272,8 +276,15 @@ class Pipeline:
                 str(shape[0]),
                 reason="too_many_tokens",
             )
+        if shape[0] < 1:
+            raise InvalidInput(
+                f"{tfield}.shape[0] (tokens)",
+                "at least 1 token (leave an empty block out)",
+                str(shape[0]),
+                reason="no_tokens",
+            )
         arr = decode(block.tensor, tfield)
-        require_finite(arr, tfield)
+        require_finite(arr, tfield, MAX_ABS_ACTIVATION)
         return hp, arr
 
 
@@ -351,7 +362,14 @@ class StreamScorer:
         index = self.chunks
         self.chunks += 1
         self.finished = chunk.final
-        results = tuple(self._running.results())
+        if chunk.final and self.tokens_seen == 0:
+            raise InvalidInput(
+                "activations",
+                "at least one activation row over the stream (a stream without activations scores nothing)",
+                "none by the final chunk",
+                reason="missing",
+            )
+        results = _finite_results(self._running.results())
         changes: tuple[str, ...] = ()
         if chunk.final:  # full statistics once, on the whole output; chunks get the cheap ones
             output = self.output
@@ -392,6 +410,20 @@ def _halt_reason(results: Sequence[DetectorResult]) -> str:
             value = r.score if r.fired else r.recent_score
             return f"{r.name} fired: {which} {value:.3f} >= threshold {r.threshold:.3f}"
     return ""
+
+
+def _finite_results(results: Sequence[DetectorResult]) -> tuple[DetectorResult, ...]:
+    """The results, or ``InvalidInput`` when an input drove a score to NaN/Inf (never emitted)."""
+    out = tuple(results)
+    for r in out:
+        if not (math.isfinite(r.score) and math.isfinite(r.probability) and math.isfinite(r.recent_score)):
+            raise InvalidInput(
+                "activations",
+                f"values that give detector {r.name} a finite score",
+                f"score {r.score}, probability {r.probability}",
+                reason="non_finite",
+            )
+    return out
 
 
 def _row_norms(arr: np.ndarray) -> np.ndarray:

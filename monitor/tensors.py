@@ -72,10 +72,21 @@ def decode(t: WireTensor, field: str) -> np.ndarray:
     return arr.reshape(t.shape)
 
 
-def require_finite(arr: np.ndarray, field: str) -> None:
-    """Raise ``InvalidInput`` naming the first NaN/Inf position of ``arr``."""
+def require_finite(arr: np.ndarray, field: str, max_abs: float = math.inf) -> None:
+    """Raise ``InvalidInput`` naming the first NaN/Inf position of ``arr`` (or the first value
+    whose magnitude exceeds ``max_abs``)."""
     finite = np.isfinite(arr)
     if finite.all():
+        if max_abs < math.inf and arr.size:
+            peak = float(np.abs(arr).max())
+            if peak > max_abs:
+                pos = tuple(int(i) for i in np.unravel_index(int(np.abs(arr).argmax()), arr.shape))
+                raise InvalidInput(
+                    f"{field}.data",
+                    f"values with |x| <= {max_abs:g}",
+                    f"{float(arr[pos]):g} at index {list(pos)}",
+                    reason="out_of_range",
+                )
         return
     pos = tuple(int(i) for i in np.argwhere(~finite)[0])
     bad = float(arr[pos])

@@ -16,7 +16,6 @@ from prometheus_client import start_http_server
 
 from monitor import __version__
 from monitor._proto import monitor_pb2 as pb
-from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.audit import AuditLog
 from monitor.config import ServerConfig
 from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
@@ -26,7 +25,8 @@ from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
-from monitor.server._servicer import SafetyMonitorServicer
+from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
+from monitor.server._tls import TlsFiles, metrics_tls_kwargs, reload_metrics_context, server_credentials
 
 log = logging.getLogger("monitor.server")
 
@@ -53,10 +53,18 @@ class SidecarServer:
         self._saver: asyncio.Task[None] | None = None
         self.critique: CritiqueService | None = None
         self.audit = (
-            AuditLog(config.audit_log, on_result=lambda r: self.metrics.audit_records.labels(r).inc())
+            AuditLog(
+                config.audit_log,
+                on_result=lambda r: self.metrics.audit_records.labels(r).inc(),
+                fsync=config.audit_fsync,
+                max_bytes=config.audit_max_bytes,
+                backups=config.audit_backups,
+                max_age_seconds=config.audit_max_age_seconds,
+            )
             if config.audit_log
             else None
         )
+        self._tls_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
@@ -80,19 +88,39 @@ class SidecarServer:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self.critique = await self._start_critique()
-        servicer = SafetyMonitorServicer(
-            self.pipeline, self.metrics, self._executor, cfg.max_in_flight, self.audit, self.critique
+        admission = Admission(
+            max_in_flight=cfg.max_in_flight,
+            max_streams=cfg.max_streams,
+            stream_idle_seconds=cfg.stream_idle_seconds,
+            max_stream_chunks=cfg.max_stream_chunks,
         )
-        pb_grpc.add_SafetyMonitorServicer_to_server(servicer, server)
+        servicer = SafetyMonitorServicer(
+            self.pipeline, self.metrics, self._executor, admission, self.audit, self.critique
+        )
+        add_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            self.port = server.add_secure_port(
+                address, server_credentials(TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+            )
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"port: could not bind gRPC to {cfg.host}:{cfg.port}")
+            raise OSError(f"port: could not bind gRPC to {address}")
         self.metrics.build_info.labels(__version__, self.bundle.name, self.bundle.model).set(1)
-        self._http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+        metrics_tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
+        self._http, _ = start_http_server(
+            cfg.metrics_port,
+            addr=cfg.metrics_host,
+            registry=self.metrics.registry,
+            **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
+        )
         self.metrics_port = int(self._http.server_port)
+        if metrics_tls is not None:
+            self._tls_watch = asyncio.get_running_loop().create_task(self._watch_metrics_tls(metrics_tls))
         await server.start()
         self._server = server
         if cfg.drift_state:
@@ -130,6 +158,9 @@ class SidecarServer:
         if self._saver is not None:
             self._saver.cancel()
             self._saver = None
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            self._tls_watch = None
         self.save_drift()
         if self.audit is not None:
             self.audit.close()
@@ -164,6 +195,13 @@ class SidecarServer:
                 await asyncio.get_running_loop().run_in_executor(None, self.save_drift)
             except OSError as exc:  # a full disk must not take the sidecar down
                 log.warning("drift_state: could not save to %s: %s", self.config.drift_state, exc)
+
+    async def _watch_metrics_tls(self, files: TlsFiles, every: float = 2.0) -> None:
+        context = getattr(self._http.socket, "context", None) if self._http is not None else None
+        while context is not None:
+            await asyncio.sleep(every)
+            if files.changed():
+                reload_metrics_context(context, files)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

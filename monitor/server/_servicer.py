@@ -1,8 +1,10 @@
 """The SafetyMonitor servicer: one thin method per RPC, named as in the proto.
 
 Each method converts the wire message, runs the pipeline on the scoring thread pool and
-converts the result back. ``_rpc`` is the one place that maps errors to status codes,
-sheds load past ``max_in_flight`` and records per-RPC metrics.
+converts the result back. ``_rpc`` is the one place that admits or sheds a call, maps errors to
+status codes and records per-RPC metrics. Unary calls and streams draw on separate admission
+budgets, so idle or abandoned streams can never starve ``Score``. A reply that acknowledges a
+generation is sent only after its audit record is durable (``monitor.audit``).
 """
 
 from __future__ import annotations
@@ -11,37 +13,63 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
 from monitor._proto import monitor_pb2 as pb
-from monitor._proto import monitor_pb2_grpc as pb_grpc
-from monitor.audit import AuditLog
+from monitor.audit import AuditLog, AuditUnavailable
 from monitor.critique import CritiqueEvent, CritiqueService
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
 from monitor.server import _convert
+from monitor.server._decode import Undecodable, parser, require_message
+from monitor.server._ratelog import RateLimitedLog
 
 log = logging.getLogger("monitor.server")
 
 T = TypeVar("T")
 INGEST_BATCH = 64
 MAX_INGEST_ERRORS = 20
+SERVICE = "safety_monitor.v1.SafetyMonitor"
+STREAMING_RPCS = frozenset({"ScoreStream", "Ingest"})
 
 
-class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
-    """Serves one pipeline; shared state is the in-flight count and the metrics."""
+@dataclass(frozen=True)
+class Admission:
+    """How many calls run at once, and how long a stream may stay silent or how many items it may send.
+
+    Unary calls (Score, GetDetectors) and streams (ScoreStream, Ingest) have separate budgets.
+    """
+
+    max_in_flight: int = 64
+    max_streams: int = 32
+    stream_idle_seconds: float = 30.0
+    max_stream_chunks: int = 16384
+
+
+class _Refused(Exception):
+    """A call or stream the server ends on purpose with a status other than INVALID_ARGUMENT."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class SafetyMonitorServicer:
+    """Serves one pipeline; shared state is the in-flight counts and the metrics."""
 
     def __init__(
         self,
         pipeline: Pipeline,
         metrics: MonitorMetrics,
         executor: Executor,
-        max_in_flight: int,
+        admission: Admission,
         audit: AuditLog | None = None,
         critique: CritiqueService | None = None,
     ) -> None:
@@ -50,80 +78,124 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
         self._audit = audit
         self._critique = critique
         self._executor = executor
-        self._max_in_flight = max_in_flight
-        self._active = 0
+        self._admission = admission
+        self._active = {"unary": 0, "stream": 0}
+        self._rejections = RateLimitedLog(log, interval=60.0)
 
     # -- RPCs ---------------------------------------------------------------------------------
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
         """Unary: one finished generation."""
         async with self._rpc("Score", context):
-            result = await self._run(self._pipeline.score, _convert.score_input(request))
-            self._metrics.record_score("Score", result)
+            req = require_message(request)
+            result = await self._run(self._pipeline.score, _convert.score_input(req))
             if self._audit is not None:
-                self._audit.record("Score", result)
-            self._offer(result.request_id, request.prompt, request.output, result.flagged)
+                await _durable(self._audit.record("Score", result))
+            self._metrics.record_score("Score", result)
+            self._offer(result.request_id, req.prompt, req.output, result.flagged)
             return _convert.score_response(result)
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreChunk], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ScoreChunk | Undecodable], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Verdict]:
         """Bidirectional: a verdict per chunk of a running generation."""
         async with self._rpc("ScoreStream", context):
             scorer = self._pipeline.open_stream()
-            async for chunk in request_iterator:
+            async for item in self._items(request_iterator, "ScoreStream"):
+                chunk = require_message(item)
                 verdict = await self._run(scorer.update, _convert.chunk_input(chunk))
-                self._metrics.record_chunk(verdict)
                 if verdict.final and self._audit is not None:
-                    self._audit.record("ScoreStream", verdict)
+                    await _durable(self._audit.record("ScoreStream", verdict))
+                self._metrics.record_chunk(verdict)
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
                     self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged)
                 yield _convert.verdict(verdict)
 
     async def Ingest(
-        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ScoreRequest | Undecodable], context: grpc.aio.ServicerContext
     ) -> pb.IngestSummary:
-        """Client-streaming: bulk items, scored in batches; the summary follows the last record."""
+        """Client-streaming: bulk items, scored in batches; the summary follows the last durable record."""
         async with self._rpc("Ingest", context):
             summary = pb.IngestSummary()
-            batch: list[ScoreInput] = []
-            async for item in request_iterator:
-                batch.append(_convert.score_input(item))
+            batch: list[ScoreInput | InvalidInput] = []
+            ids: list[str] = []
+            async for item in self._items(request_iterator, "Ingest"):
+                try:
+                    req = require_message(item)
+                    ids.append(req.request_id[:128])
+                    batch.append(_convert.score_input(req))
+                except InvalidInput as exc:
+                    ids.append("")
+                    batch.append(exc)
                 if len(batch) >= INGEST_BATCH:
-                    await self._ingest_batch(batch, summary)
-                    batch = []
+                    await self._ingest_batch(batch, ids, summary)
+                    batch, ids = [], []
             if batch:
-                await self._ingest_batch(batch, summary)
+                await self._ingest_batch(batch, ids, summary)
             return summary
 
     async def GetDetectors(
-        self, request: pb.GetDetectorsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetDetectorsRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.DetectorCatalog:
         """Unary: what the loaded bundle expects."""
         async with self._rpc("GetDetectors", context):
+            require_message(request)
             return _convert.catalog(self._pipeline.bundle, self._pipeline.limits, self._pipeline.detectors)
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _ingest_batch(self, batch: list[ScoreInput], summary: pb.IngestSummary) -> None:
+    async def _items(self, iterator: AsyncIterator[T], rpc: str) -> AsyncIterator[T]:
+        """The stream's items, ended with a status when the client goes silent or sends too many."""
+        adm = self._admission
+        it = iterator.__aiter__()
+        count = 0
+        while True:
+            try:
+                item = await asyncio.wait_for(it.__anext__(), adm.stream_idle_seconds)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _Refused(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{rpc}: no message for {adm.stream_idle_seconds:g} s (stream_idle_seconds); stream closed",
+                    "idle",
+                ) from None
+            count += 1
+            if count > adm.max_stream_chunks:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{rpc}: more than {adm.max_stream_chunks} messages in one stream (max_stream_chunks)",
+                    "too_many_chunks",
+                )
+            yield item
+
+    async def _ingest_batch(
+        self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
+    ) -> None:
         start_index = summary.received
         outcomes = await self._run(_score_all, self._pipeline, batch)
+        pending: list[Future[None]] = []
+        for outcome in outcomes:
+            if self._audit is not None and isinstance(outcome, ScoreResult):
+                pending.append(self._audit.record("Ingest", outcome))
+        for fut in pending:  # the summary acknowledges these: they must be on disk first
+            await _durable(fut)
         for offset, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
                 summary.rejected += 1
                 self._metrics.ingest_items.labels("rejected").inc()
                 self._metrics.record_invalid("Ingest", outcome.reason)
+                self._rejections.warning(("Ingest", outcome.reason), "Ingest item rejected: %s", outcome)
                 if len(summary.errors) < MAX_INGEST_ERRORS:
-                    summary.errors.add(
-                        index=start_index + offset, request_id=item.request_id[:128], message=str(outcome)
-                    )
+                    summary.errors.add(index=start_index + offset, request_id=ids[offset], message=str(outcome))
             else:
                 summary.accepted += 1
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
                 self._metrics.record_score("Ingest", outcome)
-                if self._audit is not None:
-                    self._audit.record("Ingest", outcome)
+                assert isinstance(item, ScoreInput)
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged)
 
     def _offer(self, request_id: str, prompt: str, output: str, flagged: bool) -> None:
@@ -137,16 +209,19 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
 
     @asynccontextmanager
     async def _rpc(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Shed, time, map exceptions to status codes and record the outcome of one RPC."""
+        """Admit or shed, time, map exceptions to status codes and record the outcome of one RPC."""
         start = time.perf_counter()
-        if self._active >= self._max_in_flight:
+        pool = "stream" if rpc in STREAMING_RPCS else "unary"
+        limit = self._admission.max_streams if pool == "stream" else self._admission.max_in_flight
+        if self._active[pool] >= limit:
             self._metrics.shed.labels(rpc).inc()
             self._metrics.record_rpc(rpc, "RESOURCE_EXHAUSTED", time.perf_counter() - start)
+            setting = "max_streams" if pool == "stream" else "max_in_flight"
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {self._active} RPCs in flight (max_in_flight={self._max_in_flight}); retry with backoff",
+                f"server busy: {self._active[pool]} {pool} RPCs in flight ({setting}={limit}); retry with backoff",
             )
-        self._active += 1
+        self._active[pool] += 1
         gauge = self._metrics.in_flight.labels(rpc)
         gauge.inc()
         code = "OK"
@@ -155,9 +230,18 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
         except InvalidInput as exc:
             code = "INVALID_ARGUMENT"
             self._metrics.record_invalid(rpc, exc.reason)
+            self._rejections.warning((rpc, exc.reason), "%s rejected: %s", rpc, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
+        except _Refused as exc:
+            code = exc.code.name
+            self._rejections.warning((rpc, exc.reason), "%s", exc)
+            await context.abort(exc.code, str(exc))
+        except AuditUnavailable as exc:
+            code = "UNAVAILABLE"
+            self._rejections.warning((rpc, "audit"), "%s not acknowledged: %s", rpc, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; the generation was not recorded, retry")
+        except (asyncio.CancelledError, GeneratorExit):
+            code = _ended_code(context, "CANCELLED")
             raise
         except Exception as exc:  # the server must survive anything a request triggers
             if isinstance(exc, grpc.aio.AbortError):
@@ -167,14 +251,23 @@ class SafetyMonitorServicer(pb_grpc.SafetyMonitorServicer):
             log.exception("%s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self._active -= 1
+            if code == "OK":  # a stream the client abandoned ends its iterator like a finished one
+                code = _ended_code(context, "OK")
+            self._active[pool] -= 1
             gauge.dec()
             self._metrics.record_rpc(rpc, code, time.perf_counter() - start)
 
 
-def _score_all(pipeline: Pipeline, batch: list[ScoreInput]) -> list[ScoreResult | InvalidInput]:
+async def _durable(fut: Future[None]) -> None:
+    await asyncio.wrap_future(fut)
+
+
+def _score_all(pipeline: Pipeline, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
     out: list[ScoreResult | InvalidInput] = []
     for item in batch:
+        if isinstance(item, InvalidInput):
+            out.append(item)
+            continue
         try:
             out.append(pipeline.score(item))
         except InvalidInput as exc:
@@ -182,6 +275,44 @@ def _score_all(pipeline: Pipeline, batch: list[ScoreInput]) -> list[ScoreResult 
     return out
 
 
+def _ended_code(context: grpc.aio.ServicerContext, default: str) -> str:
+    """CANCELLED or DEADLINE_EXCEEDED when the client went away, else ``default``."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    if context.cancelled():
+        return "CANCELLED"
+    return default
+
+
 def _code_name(context: grpc.aio.ServicerContext) -> str:
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def add_to_server(servicer: SafetyMonitorServicer, server: grpc.aio.Server) -> None:
+    """Register the RPCs with deserializers that never raise (bad bytes -> INVALID_ARGUMENT)."""
+    handlers: dict[str, Any] = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=parser(pb.ScoreChunk),
+            response_serializer=pb.Verdict.SerializeToString,
+        ),
+        "Ingest": grpc.stream_unary_rpc_method_handler(
+            servicer.Ingest,
+            request_deserializer=parser(pb.ScoreRequest),
+            response_serializer=pb.IngestSummary.SerializeToString,
+        ),
+        "GetDetectors": grpc.unary_unary_rpc_method_handler(
+            servicer.GetDetectors,
+            request_deserializer=parser(pb.GetDetectorsRequest),
+            response_serializer=pb.DetectorCatalog.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -180,16 +180,18 @@ def test_metrics_show_the_traffic_this_test_caused(sidecar: ServerThread) -> Non
     assert sample(m, "safety_monitor_activation_mean_l2_norm_count", hook_point=HOOK) == 5
 
 
-def test_load_is_shed_past_max_in_flight() -> None:
-    st = ServerThread(config(max_in_flight=1))
+def test_streams_are_shed_past_max_streams_and_never_starve_score() -> None:
+    st = ServerThread(config(max_in_flight=1, max_streams=1))
     try:
         with MonitorClient(st.target) as client, client.stream("hold", MODEL) as s:
-            s.send({HOOK: acts(2)})  # this stream now occupies the only slot
-            with pytest.raises(ServerBusy, match="max_in_flight=1"):
-                client.score(gen("shed"))
+            s.send({HOOK: acts(2)})  # this stream now occupies the only stream slot
+            with pytest.raises(ServerBusy, match="max_streams=1"), client.stream("shed", MODEL) as s2:
+                s2.send({HOOK: acts(2)})
+            assert client.score(gen("admitted")).request_id == "admitted"  # unary budget is separate
         m = st.metrics()
-        assert sample(m, "safety_monitor_shed_requests_total", rpc="Score") == 1
-        assert sample(m, "safety_monitor_requests_total", rpc="Score", code="RESOURCE_EXHAUSTED") == 1
+        assert sample(m, "safety_monitor_shed_requests_total", rpc="ScoreStream") == 1
+        assert sample(m, "safety_monitor_requests_total", rpc="ScoreStream", code="RESOURCE_EXHAUSTED") == 1
+        assert sample(m, "safety_monitor_requests_total", rpc="Score", code="OK") == 1
     finally:
         st.stop()
 
