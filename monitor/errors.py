@@ -15,7 +15,13 @@ class MonitorError(Exception):
 class InvalidInput(MonitorError, ValueError):
     """A request field is malformed; the message names the field, expected and received values."""
 
+    MAX_ECHO = 160  # hostile values are echoed in errors and logs: never more than this
+
     def __init__(self, field: str, expected: str, received: str, *, reason: str = "invalid") -> None:
+        if len(received) > self.MAX_ECHO:
+            received = f"{received[: self.MAX_ECHO]}... ({len(received)} characters)"
+        if len(field) > self.MAX_ECHO:
+            field = f"{field[: self.MAX_ECHO]}..."
         self.field = field
         self.expected = expected
         self.received = received

@@ -73,6 +73,8 @@ def locate(descriptor: Descriptor, data: bytes) -> tuple[str, str]:
         _walk(descriptor, memoryview(data), "")
     except _WireError as exc:
         return exc.field, exc.problem
+    except Exception:  # the walk is a diagnosis; it must never turn a rejection into a crash
+        return "", ""
     return "", ""
 
 
@@ -155,7 +157,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _path(prefix: str, fd: FieldDescriptor, counts: dict[int, int]) -> str:
-    if fd.label == FieldDescriptor.LABEL_REPEATED and not _is_map(fd):
+    if fd.is_repeated and not _is_map(fd):
         index = counts.get(fd.number, 0)
         counts[fd.number] = index + 1
         return _join(prefix, f"{fd.name}[{index}]")
