@@ -163,7 +163,7 @@ class MonitorMetrics:
         # -- critiques ------------------------------------------------------------------------------
         self.critiques = Counter(
             f"{PREFIX}_critiques_total",
-            "Critic findings by principle and verdict (violated, clean, parse_failure; '*' for timeout/error).",
+            "Critic findings by principle and verdict (violated, clean, parse_failure; '*' for timeout/error/failed).",
             ["principle", "verdict"],
             registry=r,
         )

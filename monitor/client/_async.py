@@ -34,6 +34,10 @@ class AsyncMonitorClient(_DeliveryCounts):
         batch_size: int = 32,
         max_backoff: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError(f"queue_size and batch_size: expected >= 1, got {queue_size}, {batch_size}")
@@ -41,7 +45,12 @@ class AsyncMonitorClient(_DeliveryCounts):
         self.timeout = timeout
         self.max_backoff = max_backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.aio.insecure_channel(target, options=_wire.channel_options(max_message_bytes, max_backoff))
+        options = _wire.channel_options(max_message_bytes, max_backoff)
+        if tls or tls_ca or tls_cert or tls_key:
+            creds = _wire.TlsSettings(tls_ca, tls_cert, tls_key).credentials()
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.SafetyMonitorStub(self._channel)
         self._queue: asyncio.Queue[Generation] = asyncio.Queue(maxsize=queue_size)
         self._batch_size = batch_size
@@ -141,23 +150,22 @@ class AsyncMonitorClient(_DeliveryCounts):
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._busy = len(batch)
+            messages, unencodable = _wire.requests(batch)
+            for rid, err in unencodable:
+                log.warning("dropping generation %s that could not be encoded: %s: %s", rid, type(err).__name__, err)
+            self._counters.add(dropped=len(unencodable))
             try:
-                while True:
+                while messages:
                     try:
-                        summary = await self._stub.Ingest(
-                            (_wire.request(g) for g in batch), timeout=self.timeout, metadata=self._metadata
-                        )
+                        summary = await self._stub.Ingest(iter(messages), timeout=self.timeout, metadata=self._metadata)
                     except grpc.RpcError as exc:
                         if exc.code() in RETRYABLE:
                             self._counters.add(send_failures=1)
                             await asyncio.sleep(backoff)
                             backoff = min(backoff * 2, self.max_backoff)
                             continue
-                        log.warning("dropping %d generations: %s", len(batch), map_rpc_error(exc))
-                        self._counters.add(dropped=len(batch))
-                    except Exception:
-                        log.exception("dropping %d generations that could not be encoded", len(batch))
-                        self._counters.add(dropped=len(batch))
+                        log.warning("dropping %d generations: %s", len(messages), map_rpc_error(exc))
+                        self._counters.add(dropped=len(messages))
                     else:
                         backoff = 0.1
                         self._counters.add(delivered=summary.accepted, rejected=summary.rejected)

@@ -78,6 +78,8 @@ class MonitorClient(_DeliveryCounts):
     ``ClientError`` subclasses. ``submit`` never blocks: it queues the generation (bounded by
     ``queue_size``) for a background sender that batches items over ``Ingest``, retries with
     exponential backoff while the sidecar is unreachable, and counts what it had to drop.
+    ``tls_ca`` / ``tls_cert`` / ``tls_key`` (PEM files; ``tls=True`` alone trusts the system
+    roots) connect over TLS; a certificate and key make it mutual TLS.
     """
 
     def __init__(
@@ -90,6 +92,10 @@ class MonitorClient(_DeliveryCounts):
         batch_size: int = 32,
         max_backoff: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError(f"queue_size and batch_size: expected >= 1, got {queue_size}, {batch_size}")
@@ -97,7 +103,12 @@ class MonitorClient(_DeliveryCounts):
         self.timeout = timeout
         self.max_backoff = max_backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(target, options=_wire.channel_options(max_message_bytes, max_backoff))
+        options = _wire.channel_options(max_message_bytes, max_backoff)
+        if tls or tls_ca or tls_cert or tls_key:
+            creds = _wire.TlsSettings(tls_ca, tls_cert, tls_key).credentials()
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.SafetyMonitorStub(self._channel)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._batch_size = batch_size
@@ -232,11 +243,13 @@ class MonitorClient(_DeliveryCounts):
             batch = self._take_batch()
             if batch is None:
                 return
-            while True:
+            messages, unencodable = _wire.requests(batch)
+            for rid, err in unencodable:
+                log.warning("dropping generation %s that could not be encoded: %s: %s", rid, type(err).__name__, err)
+            self._counters.add(dropped=len(unencodable))
+            while messages:
                 try:
-                    summary = self._stub.Ingest(
-                        (_wire.request(g) for g in batch), timeout=self.timeout, metadata=self._metadata
-                    )
+                    summary = self._stub.Ingest(iter(messages), timeout=self.timeout, metadata=self._metadata)
                 except grpc.RpcError as exc:
                     code = exc.code() if hasattr(exc, "code") else None
                     if code in RETRYABLE and not self._closing.is_set():
@@ -245,11 +258,8 @@ class MonitorClient(_DeliveryCounts):
                         self._closing.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff)
                         continue
-                    log.warning("dropping %d generations: %s", len(batch), map_rpc_error(exc))
-                    self._counters.add(dropped=len(batch))
-                except Exception:  # encoding a caller's array failed: drop, never kill the sender
-                    log.exception("dropping %d generations that could not be encoded", len(batch))
-                    self._counters.add(dropped=len(batch))
+                    log.warning("dropping %d generations: %s", len(messages), map_rpc_error(exc))
+                    self._counters.add(dropped=len(messages))
                 else:
                     backoff = 0.1
                     self._counters.add(delivered=summary.accepted, rejected=summary.rejected)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from monitor._proto import monitor_pb2 as pb
@@ -47,6 +50,22 @@ def request(gen: Generation) -> pb.ScoreRequest:
         activations=blocks(gen.activations, gen.projected),
         labels=dict(gen.labels),
     )
+
+
+def requests(generations: Iterable[Generation]) -> tuple[list[pb.ScoreRequest], list[tuple[str, Exception]]]:
+    """Encode a batch item by item: (the messages, (request_id, error) of the items that failed).
+
+    One generation the client cannot encode (a lone surrogate in its text, an object array)
+    must cost that item only, never the batch it travels with.
+    """
+    good: list[pb.ScoreRequest] = []
+    bad: list[tuple[str, Exception]] = []
+    for g in generations:
+        try:
+            good.append(request(g))
+        except Exception as exc:  # whatever the caller's objects raise while being encoded
+            bad.append((str(getattr(g, "request_id", "?"))[:128], exc))
+    return good, bad
 
 
 def _hook_stats(items: Iterable[pb.HookStats]) -> tuple[HookStats, ...]:
@@ -166,6 +185,34 @@ def chunk(
         msg.prompt = prompt
         msg.labels.update(labels)
     return msg
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """How a client reaches a TLS sidecar: the CA that signed the server's certificate (None:
+    the system roots) and, for mutual TLS, the client's own certificate chain and key (PEM files)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls_cert / tls_key: expected both (a client certificate and its key) or neither")
+
+        def read(path: str | None, name: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{name}: cannot read PEM file {path!r}: {exc.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca, "tls_ca"),
+            private_key=read(self.key, "tls_key"),
+            certificate_chain=read(self.cert, "tls_cert"),
+        )
 
 
 def channel_options(max_message_bytes: int, max_backoff_s: float) -> list[tuple[str, int]]:

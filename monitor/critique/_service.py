@@ -10,6 +10,7 @@ alert).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 
 from monitor.critique._backends import CriticUnavailable
 from monitor.critique._critic import Critic, Verdict
+
+log = logging.getLogger("monitor.critique")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class CritiqueService:
         self.dropped = 0
         self.max_depth_seen = 0
         self.done = 0
+        self.failed = 0  # events whose handling raised (counted, logged; the worker went on)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
@@ -107,7 +111,13 @@ class CritiqueService:
             event = await self._queue.get()
             if self.metrics is not None:
                 self.metrics.critique_queue_depth.set(self._queue.qsize())
-            await self._critique(event)
+            try:
+                await self._critique(event)
+            except Exception:  # a worker must outlive any one event (a bad reply, a full disk)
+                self.failed += 1
+                log.exception("critique of %s failed; the worker goes on", event.request_id)
+                if self.metrics is not None:
+                    self.metrics.critiques.labels("*", "failed").inc()
             self.done += 1
 
     async def _critique(self, event: CritiqueEvent) -> None:
@@ -120,6 +130,9 @@ class CritiqueService:
             outcome = "timeout"
         except CriticUnavailable:
             outcome = "error"
+        except Exception as exc:  # anything a critic reply can trigger (malformed JSON, odd shapes)
+            outcome = "error"
+            log.warning("critique of %s: %s: %s", event.request_id, type(exc).__name__, exc)
         seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.critique_seconds.observe(seconds)

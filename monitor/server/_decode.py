@@ -64,7 +64,7 @@ class _WireError(Exception):
         self.problem = problem
 
 
-def locate(descriptor: Descriptor, data: bytes) -> tuple[str, str]:
+def locate(descriptor: Any, data: bytes) -> tuple[str, str]:
     """Walk the wire format of ``data`` as ``descriptor`` and return (field path, problem).
 
     Returns ("", "") when the walk finds nothing wrong (protobuf was stricter than this walk).
@@ -129,7 +129,7 @@ def _check_delimited(fd: FieldDescriptor, payload: memoryview, name: str) -> Non
             bytes(payload).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _WireError(name, f"invalid UTF-8 at byte {exc.start}") from None
-    elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+    elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
         _walk(fd.message_type, payload, name)
 
 

@@ -177,11 +177,16 @@ class SidecarServer:
             max_queue=cfg.critique_queue,
             concurrency=cfg.critique_concurrency,
             metrics=self.metrics,
-            on_result=self.audit.write if self.audit is not None else None,
+            on_result=self._audit_critique if self.audit is not None else None,
         )
         await service.start()
         log.info("critiques: %s in %s mode via %s", "on", cfg.critique_mode, cfg.critic_url)
         return service
+
+    def _audit_critique(self, record: dict[str, Any]) -> None:
+        """Critique results go to the audit log too (nothing waits for them: no reply acknowledges them)."""
+        if self.audit is not None:
+            self.audit.write(record)
 
     def save_drift(self) -> None:
         """Write the drift state to ``drift_state`` (no-op when none is configured)."""

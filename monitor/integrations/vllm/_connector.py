@@ -202,6 +202,9 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         self._streams = streams = SidecarStreams(
             s.sidecar,
             token=s.token,
+            tls_ca=s.tls_ca,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
             projected=s.projected,
             max_queued_rows=s.max_queued_rows,
             chunk_tokens=s.chunk_tokens,

@@ -100,7 +100,13 @@ def resolve_settings(settings: AdapterSettings | None = None) -> AdapterSettings
 
     from monitor.client import MonitorClient
 
-    client = MonitorClient(settings.sidecar, token=settings.token)
+    client = MonitorClient(
+        settings.sidecar,
+        token=settings.token,
+        tls_ca=settings.tls_ca,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+    )
     try:
         catalog = wait_for_catalog(
             lambda t: client.get_detectors(timeout=t), settings.sidecar, settings.connect_timeout

@@ -54,6 +54,9 @@ class AdapterSettings:
     max_queued_rows: int = 65536  # rows waiting for the network, all requests together; more are dropped
     chunk_tokens: int = 16  # rows per ScoreStream chunk (HALT advice is at most one chunk late)
     connect_timeout: float = 30.0  # how long start-up waits for the sidecar's catalog
+    tls_ca: str | None = None  # PEM CA of a TLS sidecar (with tls_cert/tls_key: mutual TLS)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @classmethod
     def from_sources(
@@ -98,6 +101,9 @@ class AdapterSettings:
             max_queued_rows=max_rows,
             chunk_tokens=chunk,
             connect_timeout=timeout,
+            tls_ca=get("tls_ca") or None,
+            tls_cert=get("tls_cert") or None,
+            tls_key=get("tls_key") or None,
         )
 
     def extra_config(self) -> dict[str, Any]:
@@ -111,6 +117,9 @@ class AdapterSettings:
             "max_queued_rows": self.max_queued_rows,
             "chunk_tokens": self.chunk_tokens,
             "connect_timeout": self.connect_timeout,
+            "tls_ca": self.tls_ca,
+            "tls_cert": self.tls_cert,
+            "tls_key": self.tls_key,
         }
 
 

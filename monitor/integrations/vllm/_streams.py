@@ -69,6 +69,9 @@ class SidecarStreams:
         *,
         model: str = "",
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         projected: bool = False,
         max_queued_rows: int = 65536,
         chunk_tokens: int = 16,
@@ -91,6 +94,7 @@ class SidecarStreams:
         self._decode = decode
         self._labels = dict(labels or {})
         self._token = token
+        self._tls = (tls_ca, tls_cert, tls_key)
         self._lock = threading.Lock()
         self._queued_rows = 0
         self._stats = StreamStats()
@@ -162,7 +166,9 @@ class SidecarStreams:
     # -- background thread ----------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._client = AsyncMonitorClient(self.target, token=self._token)
+        self._client = AsyncMonitorClient(
+            self.target, token=self._token, tls_ca=self._tls[0], tls_cert=self._tls[1], tls_key=self._tls[2]
+        )
         self._ready.set()
         self._loop.run_forever()
 
