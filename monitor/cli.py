@@ -31,6 +31,9 @@ def _serve(ns: argparse.Namespace) -> int:
             "critic_url": ns.critic_url,
             "critique_mode": ns.critique_mode,
             "constitution": ns.constitution,
+            "tls_cert": ns.tls_cert,
+            "tls_key": ns.tls_key,
+            "tls_client_ca": ns.tls_client_ca,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-state", help="file the drift state is saved to and restored from (survives restarts)")
     p.add_argument("--drift-baseline", help="baseline file from `monitor baseline` (used when no state is saved)")
     p.add_argument("--audit-log", help="JSONL file with one record per finished generation")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and /metrics over TLS (reloaded on change)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
     p.add_argument("--critic-url", help="OpenAI-compatible server to critique outputs with (e.g. the reference server)")
     p.add_argument(
         "--critique-mode", choices=["fast", "full"], help="fast: yes/no log-probabilities; full: parsed critique"

@@ -132,21 +132,25 @@ class MetricDrift:
 
     def reading(self) -> DriftReading:
         """Distances of the current window from the reference (zeros until both are big enough)."""
-        ref = np.asarray(self.reference, dtype=np.float64)
-        cur = np.asarray(self.window, dtype=np.float64)
-        ready = self.reference_frozen and len(cur) >= self.config.min_window
-        p = psi(ref, cur, self.config.bins) if ready else 0.0
-        return DriftReading(
-            metric=self.name,
-            reference_events=len(ref),
-            window_events=len(cur),
-            psi=p,
-            ks=ks_statistic(ref, cur) if ready else 0.0,
-            js=js_distance(ref, cur, self.config.bins) if ready else 0.0,
-            wasserstein=wasserstein(ref, cur) if ready else 0.0,
-            drifted=ready and p >= self.config.psi_alarm,
-            change_points=self.change_points,
+        return self.snapshot().reading()
+
+    def snapshot(self) -> _Snapshot:
+        """A copy of what ``reading`` needs (cheap), so the distances can be computed off the lock."""
+        return _Snapshot(
+            self.name,
+            self.config,
+            np.asarray(self.reference, dtype=np.float64),
+            np.asarray(self.window, dtype=np.float64),
+            self.reference_frozen,
+            self.change_points,
         )
+
+    def copy(self) -> MetricDrift:
+        """An independent copy (samples, detector state) for saving off the lock."""
+        m = MetricDrift(self.name, self.config, list(self.reference), self.reference_frozen, deque(self.window))
+        m.detector = PageHinkley.from_state(self.detector.state()) if self.detector else None
+        m.change_points = self.change_points
+        return m
 
     def state(self) -> dict[str, Any]:
         return {
@@ -163,6 +167,34 @@ class MetricDrift:
         m.detector = PageHinkley.from_state(s["detector"]) if s.get("detector") else None
         m.change_points = int(s.get("change_points", 0))
         return m
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One metric's samples at an instant: the drift distances are computed from this, unlocked."""
+
+    name: str
+    config: DriftConfig
+    ref: np.ndarray
+    cur: np.ndarray
+    reference_frozen: bool
+    change_points: int
+
+    def reading(self) -> DriftReading:
+        ref, cur = self.ref, self.cur
+        ready = self.reference_frozen and len(cur) >= self.config.min_window
+        p = psi(ref, cur, self.config.bins) if ready else 0.0
+        return DriftReading(
+            metric=self.name,
+            reference_events=len(ref),
+            window_events=len(cur),
+            psi=p,
+            ks=ks_statistic(ref, cur) if ready else 0.0,
+            js=js_distance(ref, cur, self.config.bins) if ready else 0.0,
+            wasserstein=wasserstein(ref, cur) if ready else 0.0,
+            drifted=ready and p >= self.config.psi_alarm,
+            change_points=self.change_points,
+        )
 
 
 class DriftMonitor:
@@ -188,8 +220,11 @@ class DriftMonitor:
         return changed
 
     def readings(self) -> list[DriftReading]:
+        """Every metric's distances. Only the copy is taken under the lock that ``update`` needs;
+        the distances (~ms per scrape) are computed after, so a scrape never stalls scoring."""
         with self._lock:
-            return [m.reading() for m in self.metrics.values()]
+            snaps = [m.snapshot() for m in self.metrics.values()]
+        return [s.reading() for s in snaps]
 
     def direction(self, name: str) -> str:
         """Direction ('up'/'down') of the last change point of ``name``."""
@@ -208,12 +243,14 @@ class DriftMonitor:
     def save(self, path: str | Path) -> Path:
         """Write the whole state as JSON, atomically (a crash never leaves half a file)."""
         path = Path(path)
-        with self._lock:
-            doc = {
-                "version": STATE_VERSION,
-                "events": self.events,
-                "metrics": {n: m.state() for n, m in self.metrics.items()},
-            }
+        with self._lock:  # copies only: the JSON is built after the lock is released
+            events = self.events
+            copies = {n: m.copy() for n, m in self.metrics.items()}
+        doc = {
+            "version": STATE_VERSION,
+            "events": events,
+            "metrics": {n: m.state() for n, m in copies.items()},
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(doc))

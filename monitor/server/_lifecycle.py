@@ -85,6 +85,11 @@ class SidecarServer:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # BDP probing grows each stream's receive window to megabytes, so a refused (e.g.
+            # unauthenticated) 60 MiB body still had ~1.3 MiB per call buffered and RSS crept up;
+            # with the fixed 64 KiB window RSS stays flat and a 9 MiB Score got no slower
+            # (53 vs 66 ms median on loopback, docs/reliability.md).
+            ("grpc.http2.bdp_probe", 0),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self.critique = await self._start_critique()

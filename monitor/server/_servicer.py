@@ -37,6 +37,8 @@ INGEST_BATCH = 64
 MAX_INGEST_ERRORS = 20
 SERVICE = "safety_monitor.v1.SafetyMonitor"
 STREAMING_RPCS = frozenset({"ScoreStream", "Ingest"})
+# The client's deadline fires on its side a few ms before the server's clock says it passed.
+DEADLINE_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ class Admission:
     max_streams: int = 32
     stream_idle_seconds: float = 30.0
     max_stream_chunks: int = 16384
+
+
+@dataclass
+class _Call:
+    """What ``_rpc`` needs to know about how a call ended (a stream without its final chunk)."""
+
+    incomplete: bool = False
 
 
 class _Refused(Exception):
@@ -100,7 +109,7 @@ class SafetyMonitorServicer:
         self, request_iterator: AsyncIterator[pb.ScoreChunk | Undecodable], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Verdict]:
         """Bidirectional: a verdict per chunk of a running generation."""
-        async with self._rpc("ScoreStream", context):
+        async with self._rpc("ScoreStream", context) as call:
             scorer = self._pipeline.open_stream()
             async for item in self._items(request_iterator, "ScoreStream"):
                 chunk = require_message(item)
@@ -111,6 +120,7 @@ class SafetyMonitorServicer:
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
                     self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged)
+                call.incomplete = not scorer.finished and scorer.chunks > 0
                 yield _convert.verdict(verdict)
 
     async def Ingest(
@@ -208,7 +218,7 @@ class SafetyMonitorServicer:
         return await loop.run_in_executor(self._executor, fn, *args)
 
     @asynccontextmanager
-    async def _rpc(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _rpc(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
         """Admit or shed, time, map exceptions to status codes and record the outcome of one RPC."""
         start = time.perf_counter()
         pool = "stream" if rpc in STREAMING_RPCS else "unary"
@@ -225,8 +235,9 @@ class SafetyMonitorServicer:
         gauge = self._metrics.in_flight.labels(rpc)
         gauge.inc()
         code = "OK"
+        call = _Call()
         try:
-            yield
+            yield call
         except InvalidInput as exc:
             code = "INVALID_ARGUMENT"
             self._metrics.record_invalid(rpc, exc.reason)
@@ -251,10 +262,12 @@ class SafetyMonitorServicer:
             log.exception("%s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if code == "OK":  # a stream the client abandoned ends its iterator like a finished one
-                code = _ended_code(context, "OK")
             self._active[pool] -= 1
             gauge.dec()
+            if code == "OK":
+                # A client that cancels (or half-closes) a stream before its final chunk ends the
+                # request iterator like a finished stream: that generation was not fully scored.
+                code = _ended_code(context, "CANCELLED" if call.incomplete else "OK")
             self._metrics.record_rpc(rpc, code, time.perf_counter() - start)
 
 
@@ -278,7 +291,7 @@ def _score_all(pipeline: Pipeline, batch: list[ScoreInput | InvalidInput]) -> li
 def _ended_code(context: grpc.aio.ServicerContext, default: str) -> str:
     """CANCELLED or DEADLINE_EXCEEDED when the client went away, else ``default``."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK:
         return "DEADLINE_EXCEEDED"
     if context.cancelled():
         return "CANCELLED"

@@ -9,31 +9,11 @@ import subprocess
 import sys
 import time
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.client import AsyncMonitorClient, Generation, MonitorClient
-from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port, sample
-
-
-def _wait_serving(target: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server at {target} never reported SERVING")
-            time.sleep(0.1)
+from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port, sample, wait_serving
 
 
 def gen(rid: str, n: int = 4) -> Generation:
@@ -52,7 +32,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero() -> None:
     )
     try:
         target = f"127.0.0.1:{port}"
-        _wait_serving(target)
+        wait_serving(target)
         client = MonitorClient(target)
         stream = client.stream("drain-1", MODEL)
         first = stream.send({HOOK: np.ones((3, D_MODEL), np.float32)}, "Hello")
