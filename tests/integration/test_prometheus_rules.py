@@ -169,7 +169,7 @@ def test_deploy_files_hang_together() -> None:
     dash = json.loads((DEPLOY / "grafana/dashboards/safety-monitor.json").read_text())
     assert {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]} == {uid}
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
-    k8s = yaml.safe_load((DEPLOY / "k8s/sidecar.yaml").read_text())
+    k8s = next(yaml.safe_load_all((DEPLOY / "k8s/sidecar.yaml").read_text()))
     containers = k8s["spec"]["template"]["spec"]["containers"]
     sidecar = next(c for c in containers if c["name"] == "safety-monitor")
     assert {p["containerPort"] for p in sidecar["ports"]} == {50051, 9464}
