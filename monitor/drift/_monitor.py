@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from monitor.drift._change import PageHinkley
-from monitor.drift._distance import js_distance, ks_statistic, psi, wasserstein
+from monitor.drift._distance import BinnedReference
 
 STATE_VERSION = 1
 TESTS = ("psi", "ks", "js", "wasserstein")
@@ -82,6 +82,7 @@ class MetricDrift:
     detector: PageHinkley | None = None
     change_points: int = 0
     _scale: tuple[float, float] | None = None
+    _binned: BinnedReference | None = None  # cached once the reference is frozen
 
     def __post_init__(self) -> None:
         self.window = deque(self.window, maxlen=self.config.window_size)
@@ -98,6 +99,7 @@ class MetricDrift:
         self.reference = vals
         self.reference_frozen = bool(vals)
         self._scale = None
+        self._binned = None
         self.detector = None
 
     def update(self, x: float) -> bool:
@@ -136,12 +138,14 @@ class MetricDrift:
 
     def snapshot(self) -> _Snapshot:
         """A copy of what ``reading`` needs (cheap), so the distances can be computed off the lock."""
+        if self.reference_frozen and self._binned is None:
+            self._binned = BinnedReference.of(np.asarray(self.reference, dtype=np.float64), self.config.bins)
         return _Snapshot(
             self.name,
             self.config,
-            np.asarray(self.reference, dtype=np.float64),
+            len(self.reference),
+            self._binned if self.reference_frozen else None,
             np.asarray(self.window, dtype=np.float64),
-            self.reference_frozen,
             self.change_points,
         )
 
@@ -175,23 +179,22 @@ class _Snapshot:
 
     name: str
     config: DriftConfig
-    ref: np.ndarray
+    reference_events: int
+    binned: BinnedReference | None  # None until the reference is frozen
     cur: np.ndarray
-    reference_frozen: bool
     change_points: int
 
     def reading(self) -> DriftReading:
-        ref, cur = self.ref, self.cur
-        ready = self.reference_frozen and len(cur) >= self.config.min_window
-        p = psi(ref, cur, self.config.bins) if ready else 0.0
+        ready = self.binned is not None and len(self.cur) >= self.config.min_window
+        p, ks, js, w = self.binned.distances(self.cur) if ready and self.binned is not None else (0.0,) * 4
         return DriftReading(
             metric=self.name,
-            reference_events=len(ref),
-            window_events=len(cur),
+            reference_events=self.reference_events,
+            window_events=len(self.cur),
             psi=p,
-            ks=ks_statistic(ref, cur) if ready else 0.0,
-            js=js_distance(ref, cur, self.config.bins) if ready else 0.0,
-            wasserstein=wasserstein(ref, cur) if ready else 0.0,
+            ks=ks,
+            js=js,
+            wasserstein=w,
             drifted=ready and p >= self.config.psi_alarm,
             change_points=self.change_points,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,9 @@ def limit_blas_threads(threads: int) -> None:
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain in-flight RPCs and return exit status 0."""
     limit_blas_threads(config.blas_threads)
+    # Hand the GIL over every 1 ms instead of every 5: a scrape or a large request on one thread
+    # then delays a Score on another by ~1 ms, not ~5 (bench/scrape.py).
+    sys.setswitchinterval(0.001)
     sidecar = SidecarServer(config)
     await sidecar.start()
     stop = asyncio.Event()
