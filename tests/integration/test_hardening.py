@@ -3,10 +3,12 @@ hostile numbers, auth edge cases. Every answer must be a designed status, counte
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,8 @@ import pytest
 
 from monitor._proto import monitor_pb2 as pb
 from monitor.client import Generation, MonitorClient
+from monitor.critique import Critic, CritiqueEvent, CritiquePolicy, CritiqueService, OpenAIChatBackend
+from monitor.metrics import MonitorMetrics
 from tests.conftest import D_MODEL, HOOK, MODEL, ServeProcess, ServerThread, config, sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,3 +290,67 @@ def test_unauthenticated_large_bodies_are_refused_unread(tmp_path: Path) -> None
         assert after - before < 4 * 1024, f"RSS grew {after - before} KiB over five 60 MiB bodies"
     finally:
         server.stop()
+
+
+class _BrokenCritic(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that answers 200 with a body no critic can use."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b'{"choices": "not a list"}' if self.path.endswith("completions") else b"{}"
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_critique_workers_survive_a_malformed_critic_reply() -> None:
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _BrokenCritic)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    metrics = MonitorMetrics()
+
+    async def go() -> CritiqueService:
+        backend = OpenAIChatBackend(f"http://127.0.0.1:{http.server_address[1]}", MODEL, timeout=10)
+        service = CritiqueService(
+            Critic(backend, mode="fast", timeout=10),
+            CritiquePolicy(flagged=True, sample_rate=0.0),
+            concurrency=1,
+            metrics=metrics,
+            principles=["least_harmful"],
+        )
+        await service.start()
+        for i in range(5):  # one worker: if the first bad reply killed it, nothing after would run
+            service.offer(CritiqueEvent(f"c{i}", "Hi", "Hello.", True))
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 20
+        while service.done < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await service.stop()
+        await backend.aclose()
+        return service
+
+    try:
+        service = asyncio.run(go())
+    finally:
+        http.shutdown()
+    assert service.done == 5
+    outcomes = (
+        metrics.critiques.labels("*", "error")._value.get() + metrics.critiques.labels("*", "failed")._value.get()
+    )
+    assert outcomes == 5
+
+
+def test_submit_drops_only_the_generation_it_cannot_encode(sidecar: ServerThread) -> None:
+    x = np.ones((2, D_MODEL), np.float32)
+    with MonitorClient(sidecar.target, batch_size=32) as client:
+        client.submit(Generation("enc-0", MODEL, output="ok", activations={HOOK: x}))
+        client.submit(Generation("enc-1", MODEL, prompt="lone \ud800 surrogate", output="ok", activations={HOOK: x}))
+        client.submit(Generation("enc-2", MODEL, output="ok", activations={HOOK: np.array([[object()]])}))
+        client.submit(Generation("enc-3", MODEL, output="ok", activations={HOOK: x}))
+        assert client.flush(20)
+        assert (client.delivered, client.dropped) == (2, 2)
+    assert sample(sidecar.metrics(), "safety_monitor_ingest_items_total", result="accepted") == 2
