@@ -31,7 +31,7 @@ class StreamStats:
 
     requests: int = 0  # streams opened
     finished: int = 0  # streams that got their final verdict
-    failed: int = 0  # streams the sidecar could not take (down, refused): unmonitored requests
+    failed: int = 0  # requests left unmonitored: the sidecar could not take them, or no row reached it
     rows_sent: int = 0
     rows_dropped: int = 0  # over max_queued_rows, or for a failed stream
     chunks: int = 0
@@ -244,7 +244,16 @@ class SidecarStreams:
                     if it.final:
                         final = it
                 merged = {hp: np.concatenate(parts) if len(parts) > 1 else parts[0] for hp, parts in rows.items()}
-                if failed:
+                if not failed and stream is None and not merged and final is not None:
+                    # every row of this request was dropped (or it had none): nothing to score,
+                    # and the sidecar refuses a stream without activations; it is unmonitored
+                    failed = True
+                    with self._lock:
+                        self._stats.failed += 1
+                    log.warning(
+                        "safety monitor: request %s is unmonitored: no activation rows reached it", req.request_id
+                    )
+                elif failed:
                     self._release(merged, dropped=True)
                 else:
                     try:
