@@ -1,19 +1,26 @@
 """Server configuration: defaults, then a YAML file, then ``SAFETY_MONITOR_*`` env, then flags.
 
-Every key is a field of ``ServerConfig``; an unknown key or a bad value raises ``ConfigError``
-naming the key, the source and what is allowed.
+``ServerConfig`` is a pydantic-settings model: types and bounds are declared on the fields, the YAML
+file and the environment are read by pydantic-settings' own sources, and ``load_config`` layers them.
+An unknown key or a bad value raises ``ConfigError`` naming the key, the source and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from monitor.errors import ConfigError
 
@@ -21,9 +28,13 @@ __all__ = ["ENV_PREFIX", "ServerConfig", "load_config"]
 
 ENV_PREFIX = "SAFETY_MONITOR_"
 
+Port = Annotated[int, Field(ge=0, le=65535)]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-@dataclass(frozen=True)
-class ServerConfig:
+
+class ServerConfig(BaseSettings):
     """Settings of one sidecar process.
 
     host: gRPC bind address (default 127.0.0.1: a sidecar talks to its pod's inference server).
@@ -71,127 +82,139 @@ class ServerConfig:
     blas_threads: numpy BLAS threads in a ``monitor serve`` process (1 avoids thread contention).
     """
 
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True)
+
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: Port = 50051
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464
-    max_message_bytes: int = 64 * 1024 * 1024
-    workers: int = 2
-    max_in_flight: int = 64
-    max_streams: int = 32
-    stream_idle_seconds: float = 30.0
-    max_stream_chunks: int = 16384
-    max_tokens: int = 8192
-    max_stream_tokens: int = 65536
-    drain_seconds: float = 30.0
+    metrics_port: Port = 9464
+    max_message_bytes: Positive = 64 * 1024 * 1024
+    workers: Positive = 2
+    max_in_flight: Positive = 64
+    max_streams: Positive = 32
+    stream_idle_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_stream_chunks: Positive = 16384
+    max_tokens: Positive = 8192
+    max_stream_tokens: Positive = 65536
+    drain_seconds: Annotated[float, Field(ge=0)] = 30.0
     bundle: str | None = None
     auth_token: str | None = None
     log_level: str = "INFO"
     drift_state: str | None = None
     drift_baseline: str | None = None
-    drift_reference_events: int = 2000
-    drift_window_events: int = 500
-    drift_save_seconds: float = 5.0
+    drift_reference_events: Positive = 2000
+    drift_window_events: Positive = 500
+    drift_save_seconds: Annotated[float, Field(gt=0)] = 5.0
     audit_log: str | None = None
     audit_fsync: bool = False
-    audit_max_bytes: int = 256 * 1024 * 1024
-    audit_backups: int = 5
-    audit_max_age_seconds: float = 0.0
+    audit_max_bytes: NonNegative = 256 * 1024 * 1024
+    audit_backups: NonNegative = 5
+    audit_max_age_seconds: Annotated[float, Field(ge=0)] = 0.0
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     critic_url: str | None = None
     critic_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    critique_mode: str = "fast"
-    critique_sample_rate: float = 0.05
-    critique_queue: int = 100
-    critique_concurrency: int = 2
-    critique_timeout: float = 30.0
+    critique_mode: Literal["fast", "full"] = "fast"
+    critique_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    critique_queue: Positive = 100
+    critique_concurrency: Positive = 2
+    critique_timeout: Annotated[float, Field(gt=0)] = 30.0
     constitution: str | None = None
-    blas_threads: int = 1
+    blas_threads: Positive = 1
 
-    def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
-            value = getattr(self, name)
-            if not 0 <= value <= 65535:
-                raise ConfigError(f"{name}: expected 0..65535, got {value}")
-        for name in (
-            "max_message_bytes",
-            "workers",
-            "max_in_flight",
-            "max_streams",
-            "max_stream_chunks",
-            "max_tokens",
-            "max_stream_tokens",
-            "drift_reference_events",
-            "drift_window_events",
-            "critique_queue",
-            "critique_concurrency",
-            "blas_threads",
-        ):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value}")
-        for name in ("audit_max_bytes", "audit_backups", "audit_max_age_seconds"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: expected >= 0 (0 turns it off), got {getattr(self, name)}")
-        if self.stream_idle_seconds <= 0:
-            raise ConfigError(f"stream_idle_seconds: expected > 0, got {self.stream_idle_seconds}")
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, {})) from exc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Built directly, a config is its defaults plus the arguments; ``load_config`` layers the
+        # file and the environment (so a test or the demo never picks up the caller's env).
+        return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_none(cls, data: Any) -> Any:
+        """An empty string (``SAFETY_MONITOR_AUTH_TOKEN=``) means "not set" for an optional field."""
+        if isinstance(data, dict):
+            return {k: None if v == "" and k in _OPTIONAL else v for k, v in data.items()}
+        return data
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServerConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert / tls_key: expected both (a certificate and its key) or neither")
+            raise ValueError("tls_cert / tls_key: expected both (a certificate and its key) or neither")
         if self.tls_client_ca and not self.tls_cert:
-            raise ConfigError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+            raise ValueError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
-                raise ConfigError(f"{name}: expected a readable PEM file, got {value!r} (no such file)")
-        if self.drain_seconds < 0:
-            raise ConfigError(f"drain_seconds: expected >= 0, got {self.drain_seconds}")
-        if self.critique_mode not in ("fast", "full"):
-            raise ConfigError(f"critique_mode: expected fast or full, got {self.critique_mode!r}")
-        if not 0.0 <= self.critique_sample_rate <= 1.0:
-            raise ConfigError(f"critique_sample_rate: expected 0..1, got {self.critique_sample_rate}")
-        if self.critique_timeout <= 0:
-            raise ConfigError(f"critique_timeout: expected > 0, got {self.critique_timeout}")
-        if self.drift_save_seconds <= 0:
-            raise ConfigError(f"drift_save_seconds: expected > 0, got {self.drift_save_seconds}")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
+                raise ValueError(f"{name}: expected a readable PEM file, got {value!r} (no such file)")
+        return self
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+_OPTIONAL = frozenset(name for name, f in ServerConfig.model_fields.items() if f.default is None)
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Convert ``value`` to the type of field ``key`` (strings from env/flags included)."""
-    kind = str(_FIELDS[key].type)
-    if value is None or (isinstance(value, str) and value == "" and "None" in kind):
-        if "None" in kind:
-            return None
-        raise ConfigError(f"{key} ({source}): expected a value, got nothing")
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' env source, reading a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    """One line per problem: the key, where its value came from, what was expected and what came."""
+    lines = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        where = f" ({origin[key]})" if key in origin else ""
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
+        if err["type"] == "extra_forbidden":
+            source = origin.get(key, "arguments")
+            lines.append(f"{source}: unknown key {key!r}; expected one of {', '.join(ServerConfig.model_fields)}")
+        elif key:
+            lines.append(f"{key}{where}: {msg}, got {err['input']!r}")
+        else:
+            lines.append(msg)
+    return "; ".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: cannot read: no such file")
     try:
-        if kind.startswith("bool"):
-            return _bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} ({source}): expected {kind.split(' ')[0]}, got {value!r}") from None
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
+        data = YamlConfigSettingsSource(ServerConfig, yaml_file=path).yaml_data
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a list or a scalar at the top level
+        raise ConfigError(f"config file {path}: expected a mapping of keys ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 def load_config(
@@ -200,30 +223,20 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ServerConfig:
-    """Build a ``ServerConfig`` from a YAML file, the environment and explicit overrides."""
+    """Build a ``ServerConfig`` from a YAML file, the environment and explicit overrides (None: unset)."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"config file {p}: cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: expected a mapping of keys, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            if key not in _FIELDS:
-                raise ConfigError(f"config file {p}: unknown key {key!r}; expected one of {', '.join(_FIELDS)}")
-            values[key] = _coerce(key, value, f"config file {p}")
-    environ = os.environ if env is None else env
-    for key in _FIELDS:
-        name = ENV_PREFIX + key.upper()
-        if name in environ:
-            values[key] = _coerce(key, environ[name], f"environment {name}")
+        for key, value in _read_yaml(Path(path)).items():
+            values[key], origin[key] = value, f"config file {path}"
+    for key, value in _MappingEnvSource(ServerConfig, os.environ if env is None else env)().items():
+        values[key], origin[key] = value, f"environment {ENV_PREFIX}{key.upper()}"
     for key, value in (overrides or {}).items():
-        if key not in _FIELDS:
-            raise ConfigError(f"unknown setting {key!r}; expected one of {', '.join(_FIELDS)}")
         if value is not None:
-            values[key] = _coerce(key, value, "command line")
-    return ServerConfig(**values)
+            values[key], origin[key] = value, "command line"
+    try:
+        return ServerConfig(**values)
+    except ConfigError as exc:
+        if isinstance(exc.__cause__, ValidationError):  # describe it again, naming each value's source
+            raise ConfigError(_describe(exc.__cause__, origin)) from None
+        raise

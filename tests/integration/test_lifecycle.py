@@ -60,7 +60,7 @@ def test_bad_config_exits_2_with_message(tmp_path) -> None:
         [sys.executable, "-m", "monitor", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2
-    assert "max_tokens: expected a positive integer, got -3" in r.stderr
+    assert f"max_tokens (config file {bad}): expected greater than or equal to 1, got -3" in r.stderr
 
 
 def test_submit_never_blocks_counts_drops_and_reconnects() -> None:

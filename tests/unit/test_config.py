@@ -23,18 +23,81 @@ def test_defaults() -> None:
     assert cfg.max_message_bytes == 64 * 1024 * 1024
 
 
+def test_direct_construction_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFETY_MONITOR_PORT", "7000")
+    assert ServerConfig().port == 50051
+    assert load_config().port == 7000
+
+
+@pytest.mark.parametrize(("text", "expected"), [("false", False), ("0", False), ("no", False), ("true", True)])
+def test_bool_from_env_and_file(tmp_path: Path, text: str, expected: bool) -> None:
+    assert load_config(env={"SAFETY_MONITOR_AUDIT_FSYNC": text}).audit_fsync is expected
+    f = tmp_path / "c.yaml"
+    f.write_text(f"audit_fsync: {text}\n")
+    assert load_config(f, env={}).audit_fsync is expected
+
+
+def test_bad_bool_names_variable() -> None:
+    with pytest.raises(
+        ConfigError, match=r"audit_fsync \(environment SAFETY_MONITOR_AUDIT_FSYNC\): expected a valid bool.*'maybe'"
+    ):
+        load_config(env={"SAFETY_MONITOR_AUDIT_FSYNC": "maybe"})
+
+
+def test_empty_env_unsets_an_optional_field() -> None:
+    assert load_config(env={"SAFETY_MONITOR_AUTH_TOKEN": ""}).auth_token is None
+
+
 def test_unknown_key_lists_allowed(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("prot: 1\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'prot'; expected one of host, port"):
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml: unknown key 'prot'; expected one of host, port"):
         load_config(f, env={})
 
 
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'prot'"):
+        load_config(env={}, overrides={"prot": 1})
+
+
+def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("- port\n- 1\n")
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml: expected a mapping of keys"):
+        load_config(f, env={})
+    f.write_text("port: [1\n")
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml: not valid YAML"):
+        load_config(f, env={})
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml: cannot read"):
+        load_config(tmp_path / "missing.yaml", env={})
+
+
 def test_bad_env_value_names_variable() -> None:
-    with pytest.raises(ConfigError, match=r"environment SAFETY_MONITOR_WORKERS.*expected int.*'many'"):
+    with pytest.raises(
+        ConfigError, match=r"workers \(environment SAFETY_MONITOR_WORKERS\): expected a valid integer.*'many'"
+    ):
         load_config(env={"SAFETY_MONITOR_WORKERS": "many"})
 
 
 def test_out_of_range_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"port: expected 0\.\.65535, got 70000"):
+    with pytest.raises(ConfigError, match=r"port \(command line\): expected less than or equal to 65535, got 70000"):
         load_config(env={}, overrides={"port": 70000})
+    with pytest.raises(ConfigError, match=r"critique_sample_rate: expected less than or equal to 1, got 1\.5"):
+        ServerConfig(critique_sample_rate=1.5)
+    with pytest.raises(ConfigError, match=r"workers: expected greater than or equal to 1, got 0"):
+        ServerConfig(workers=0)
+
+
+def test_choices_and_cross_field_rules(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"critique_mode \(environment SAFETY_MONITOR_CRITIQUE_MODE\): .*fast.*full"):
+        load_config(env={"SAFETY_MONITOR_CRITIQUE_MODE": "slow"})
+    with pytest.raises(ConfigError, match=r"log_level: expected one of DEBUG, INFO"):
+        ServerConfig(log_level="chatty")
+    with pytest.raises(ConfigError, match=r"tls_cert / tls_key: expected both"):
+        ServerConfig(tls_cert=str(tmp_path / "cert.pem"))
+
+
+def test_frozen() -> None:
+    cfg = ServerConfig()
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.port = 1  # type: ignore[misc]
