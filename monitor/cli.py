@@ -1,4 +1,5 @@
-"""The ``monitor`` command line: ``serve`` runs the sidecar; more commands join as they land."""
+"""The ``monitor`` command line: ``serve`` (the sidecar), ``collect``, ``train-sae``, ``train-detectors``,
+``evaluate``, ``baseline`` and ``demo``; each imports its heavy modules only when it runs."""
 
 from __future__ import annotations
 

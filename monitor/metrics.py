@@ -1,4 +1,4 @@
-"""Every Prometheus metric the sidecar exports, defined in one place (DESIGN section 8).
+"""Every Prometheus metric the sidecar exports, defined in one place (listed in docs/operations.md).
 
 ``MonitorMetrics`` creates the metrics on a registry (a fresh one per test) and its
 ``record_*`` methods turn the pipeline's result objects into metric updates. Labels are

@@ -1,9 +1,8 @@
-"""The per-request path: validate -> (detect) -> statistics -> result objects.
+"""The per-request path: validate -> decode -> detectors -> text statistics -> result objects.
 
 The server and the bulk paths call ``Pipeline.score`` for a finished generation and
 ``Pipeline.open_stream`` for a running one. Results are plain dataclasses; metrics are
-recorded from them by ``monitor.metrics``, never here. Detectors, text statistics and drift
-plug in as later stages of the same object.
+recorded from them by ``monitor.metrics``, never here.
 """
 
 from __future__ import annotations

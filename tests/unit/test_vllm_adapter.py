@@ -65,7 +65,8 @@ def test_client_and_plugin_import_no_torch_and_no_server_module() -> None:
         "import sys, json, monitor.client, monitor.integrations.vllm;print(json.dumps(sorted(m for m in sys.modules)))"
     )
     mods = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    heavy = ("torch", "transformers", "yaml", "prometheus_client", "sklearn", "onnx", "safetensors", "vllm")
+    heavy = ("torch", "transformers", "yaml", "pydantic", "pydantic_settings", "prometheus_client", "sklearn", "onnx")
+    heavy += ("safetensors", "vllm")
     server = (
         "monitor.pipeline",
         "monitor.server",
