@@ -305,27 +305,20 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 def add_to_server(servicer: SafetyMonitorServicer, server: grpc.aio.Server) -> None:
     """Register the RPCs with deserializers that never raise (bad bytes -> INVALID_ARGUMENT)."""
-    handlers: dict[str, Any] = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=parser(pb.ScoreRequest),
-            response_serializer=pb.ScoreResponse.SerializeToString,
-        ),
-        "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=parser(pb.ScoreChunk),
-            response_serializer=pb.Verdict.SerializeToString,
-        ),
-        "Ingest": grpc.stream_unary_rpc_method_handler(
-            servicer.Ingest,
-            request_deserializer=parser(pb.ScoreRequest),
-            response_serializer=pb.IngestSummary.SerializeToString,
-        ),
-        "GetDetectors": grpc.unary_unary_rpc_method_handler(
+    table: dict[str, tuple[Callable[..., Any], Any, Any, Any]] = {
+        "Score": (grpc.unary_unary_rpc_method_handler, servicer.Score, pb.ScoreRequest, pb.ScoreResponse),
+        "ScoreStream": (grpc.stream_stream_rpc_method_handler, servicer.ScoreStream, pb.ScoreChunk, pb.Verdict),
+        "Ingest": (grpc.stream_unary_rpc_method_handler, servicer.Ingest, pb.ScoreRequest, pb.IngestSummary),
+        "GetDetectors": (
+            grpc.unary_unary_rpc_method_handler,
             servicer.GetDetectors,
-            request_deserializer=parser(pb.GetDetectorsRequest),
-            response_serializer=pb.DetectorCatalog.SerializeToString,
+            pb.GetDetectorsRequest,
+            pb.DetectorCatalog,
         ),
+    }
+    handlers = {
+        name: kind(method, request_deserializer=parser(request), response_serializer=response.SerializeToString)
+        for name, (kind, method, request, response) in table.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
