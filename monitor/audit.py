@@ -137,9 +137,19 @@ class AuditLog:
             self._file.close()
 
     def _commit(self, items: list[tuple[dict[str, Any], Future[None]]]) -> None:
-        lines = []
-        for record, _ in items:
-            lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+        lines, ok = [], []
+        for record, done in items:  # a record that is not JSON fails alone, not its group commit
+            try:
+                lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+            except (TypeError, ValueError) as exc:
+                log.warning("audit_log: record %s is not JSON-able: %s", str(record.get("request_id"))[:128], exc)
+                self._on_result("dropped")
+                done.set_exception(AuditUnavailable(f"audit_log: record not JSON-able: {exc}"))
+            else:
+                ok.append((record, done))
+        items = ok
+        if not items:
+            return
         data = "".join(lines).encode("utf-8")
         try:
             f = self._open_for(len(data))
@@ -147,7 +157,7 @@ class AuditLog:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
-        except (OSError, ValueError) as exc:  # a full disk loses records, never the sidecar
+        except OSError as exc:  # a full disk loses records, never the sidecar
             log.warning("audit_log: could not write to %s: %s", self.path, exc)
             self._close_file()
             for _, done in items:
