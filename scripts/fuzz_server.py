@@ -13,11 +13,7 @@ counts every call in ``safety_monitor_requests_total``.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +28,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor._proto import monitor_pb2 as pb
+from monitor.server import SidecarProcess
 
 SERVICE = "/safety_monitor.v1.SafetyMonitor/"
 ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"}
@@ -174,7 +171,10 @@ def _ld(number: int, payload: bytes) -> bytes:
 
 # -- running ------------------------------------------------------------------------------------
 class Runner:
-    def __init__(self, target: str, catalog: pb.DetectorCatalog, seed: int, timeout: float = 20.0) -> None:
+    def __init__(
+        self, target: str, catalog: pb.DetectorCatalog, seed: int, timeout: float = 20.0, token: str | None = None
+    ) -> None:
+        self.token = token
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 128 << 20)])
         self.catalog = catalog
         self.seed = seed
@@ -189,16 +189,34 @@ class Runner:
         )
         self.ingest = ch.stream_unary(SERVICE + "Ingest", request_serializer=_IDENTITY, response_deserializer=_IDENTITY)
 
+    def _metadata(self, rng: random.Random) -> tuple[tuple[str, str], ...] | None:
+        """With a token: right most of the time; else missing, wrong, repeated or another scheme."""
+        if self.token is None:
+            return None
+        right = ("authorization", f"Bearer {self.token}")
+        if rng.random() < 0.9:
+            return (right,) if rng.random() < 0.5 else (("authorization", f"bEaReR {self.token}"),)
+        return rng.choice(
+            [
+                (),
+                (("authorization", "Bearer wrong"),),
+                (right, right),
+                (("authorization", f"Basic {self.token}"),),
+                (("authorization", "Bearer"),),
+            ]
+        )
+
     def one(self, i: int) -> tuple[str, str]:
         """Request number ``i`` (deterministic for a seed): (rpc, status code name)."""
         f = Fuzzer(self.catalog, self.seed * 1_000_003 + i)
         pick = f.rng.random()
+        md = self._metadata(f.rng)
         try:
             if pick < 0.45:
                 payload = f.break_message(f.request(f"fz-{i}")) if f.rng.random() < 0.85 else f.request(f"ok-{i}")
                 if not isinstance(payload, bytes):
                     payload = payload.SerializeToString()
-                self.score(payload, timeout=self.timeout)
+                self.score(payload, timeout=self.timeout, metadata=md)
                 return "Score", "OK"
             if pick < 0.75:
                 rpc = "ScoreStream"
@@ -210,17 +228,17 @@ class Runner:
                     raw[j] = f.break_message(chunks[j])
                 if f.rng.random() < 0.1:  # a chunk after the final one
                     raw.append(f.chunk(f"st-{i}", n, final=True).SerializeToString())
-                for _ in self.stream(iter(raw), timeout=self.timeout):
+                for _ in self.stream(iter(raw), timeout=self.timeout, metadata=md):
                     pass
                 return rpc, "OK"
             if pick < 0.95:
                 rpc = "Ingest"
                 items = [f.request(f"in-{i}-{j}") for j in range(f.rng.randint(0, 6))]
                 raw = [f.break_message(it) if f.rng.random() < 0.5 else it.SerializeToString() for it in items]
-                self.ingest(iter(raw), timeout=self.timeout)
+                self.ingest(iter(raw), timeout=self.timeout, metadata=md)
                 return rpc, "OK"
             payload = b"" if f.rng.random() < 0.5 else f.rng.randbytes(f.rng.randint(1, 64))
-            self.get(payload, timeout=self.timeout)
+            self.get(payload, timeout=self.timeout, metadata=md)
             return "GetDetectors", "OK"
         except grpc.RpcError as exc:
             rpc = (
@@ -236,7 +254,12 @@ class Runner:
 
 
 def fuzz(
-    target: str, requests: int, seed: int = 0, workers: int = 8, progress: bool = False
+    target: str,
+    requests: int,
+    seed: int = 0,
+    workers: int = 8,
+    progress: bool = False,
+    token: str | None = None,
 ) -> Counter[tuple[str, str]]:
     """Send ``requests`` fuzzed calls to ``target``; returns a Counter of (rpc, status code)."""
     ch = grpc.insecure_channel(target)
@@ -245,9 +268,10 @@ def fuzz(
         request_serializer=pb.GetDetectorsRequest.SerializeToString,
         response_deserializer=pb.DetectorCatalog.FromString,
     )
-    catalog = get(pb.GetDetectorsRequest(), timeout=30)
+    md = (("authorization", f"Bearer {token}"),) if token else None
+    catalog = get(pb.GetDetectorsRequest(), timeout=30, metadata=md)
     ch.close()
-    runner = Runner(target, catalog, seed)
+    runner = Runner(target, catalog, seed, token=token)
     counts: Counter[tuple[str, str]] = Counter({("GetDetectors", "OK"): 1})  # the catalog call above
     start = time.time()
     with ThreadPoolExecutor(workers) as pool:
@@ -281,22 +305,6 @@ def table(client: Counter[tuple[str, str]], server: Counter[tuple[str, str]] | N
     return "\n".join(rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_server(log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, mport = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "monitor", "serve", "--port", str(port), "--metrics-port", str(mport)]
-    log = log_path.open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    grpc.channel_ready_future(grpc.insecure_channel(target)).result(timeout=120)
-    return proc, target, f"http://127.0.0.1:{mport}/metrics"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10_000)
@@ -304,25 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--target", help="host:port of a running sidecar (default: start `monitor serve`)")
     ap.add_argument("--metrics-url", help="its /metrics URL, to compare the server's counts")
+    ap.add_argument("--token", help="the sidecar's bearer token (started with it); 10 %% of calls get a bad header")
     ns = ap.parse_args(argv)
-    proc = None
-    log_path = Path(tempfile.mkdtemp(prefix="fuzz-")) / "server.log"
+    server: SidecarProcess | None = None
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    log_path = folder / "server.log"
     target, metrics_url = ns.target, ns.metrics_url
     if target is None:
-        proc, target, metrics_url = _start_server(log_path)
+        env = {"SAFETY_MONITOR_AUTH_TOKEN": ns.token} if ns.token else {}
+        server = SidecarProcess("--audit-log", str(folder / "audit.jsonl"), log_path=log_path, env=env).wait()
+        target, metrics_url = server.target, server.metrics_url
     try:
         t0 = time.time()
-        client = fuzz(target, ns.requests, ns.seed, ns.workers, progress=True)
+        client = fuzz(target, ns.requests, ns.seed, ns.workers, progress=True, token=ns.token)
         seconds = time.time() - t0
-        server = server_counts(metrics_url) if metrics_url else None
+        counted = server_counts(metrics_url) if metrics_url else None
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
-    print(table(client, server))
+        if server is not None:
+            server.stop()
+    print(table(client, counted))
     bad = {k: v for k, v in client.items() if k[1] not in ALLOWED}
     print(f"\n{sum(client.values())} requests in {seconds:.0f} s, seed {ns.seed}; codes outside the design: {bad or 0}")
-    if proc is not None:
+    if server is not None:
         text = log_path.read_text(errors="replace")
         print(f"server log: {text.count('Traceback')} tracebacks, {len(text.splitlines())} lines ({log_path})")
     return 1 if bad else 0
