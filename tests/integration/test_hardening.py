@@ -55,9 +55,9 @@ def with_bad_utf8_prompt(msg: pb.ScoreRequest) -> bytes:
 
 def test_seeded_fuzz_sample_gets_only_designed_codes_all_counted(tmp_path: Path) -> None:
     fuzz = _fuzz_module()
-    st = ServerThread(config(audit_log=str(tmp_path / "audit.jsonl")))
+    st = ServerThread(config(audit_log=str(tmp_path / "audit.jsonl"), auth_token="s3cret"))
     try:
-        client = fuzz.fuzz(st.target, 1500, seed=11, workers=4)
+        client = fuzz.fuzz(st.target, 1500, seed=11, workers=4, token="s3cret")
         metrics = st.metrics()
     finally:
         st.stop()
@@ -75,6 +75,7 @@ def test_seeded_fuzz_sample_gets_only_designed_codes_all_counted(tmp_path: Path)
     for key, n in counted.items():  # the server counted every call, with the code the client saw
         assert n == client.get(key, 0), key
     assert client[("Score", "INVALID_ARGUMENT")] > 300 and client[("Score", "OK")] > 50
+    assert client[("Score", "UNAUTHENTICATED")] > 20
 
 
 def test_bad_utf8_is_invalid_argument_naming_the_field(sidecar: ServerThread) -> None:
