@@ -8,6 +8,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from monitor import __version__
 from monitor.errors import MonitorError
@@ -35,6 +36,7 @@ def _serve(ns: argparse.Namespace) -> int:
             "tls_cert": ns.tls_cert,
             "tls_key": ns.tls_key,
             "tls_client_ca": ns.tls_client_ca,
+            "debate_url": ns.debate_url,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -167,6 +169,52 @@ def _baseline(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _debate_experiment(ns: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from monitor.critique import InProcessBackend, OpenAIChatBackend
+    from monitor.debate import load_questions, run_experiment, summary_table
+
+    questions = load_questions(ns.questions) if ns.questions else load_questions()
+    backend: Any = (
+        OpenAIChatBackend(ns.backend_url, ns.model, timeout=ns.timeout) if ns.backend_url else InProcessBackend()
+    )
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=ns.trials, desc="debate trials", unit=" trials")
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    with out.open("w", encoding="utf-8") as f:
+        summary = asyncio.run(
+            run_experiment(
+                backend,
+                backend,
+                questions,
+                trials=ns.trials,
+                rounds=ns.rounds,
+                max_tokens=ns.max_tokens,
+                seed=ns.seed,
+                out=f,
+                progress=progress,
+            )
+        )
+    bar.close()
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(summary_table(summary))
+    print(
+        f"n={summary['trials']} rounds={summary['rounds']} max_tokens={summary['max_tokens']} seed={summary['seed']} "
+        f"backend={summary['backend']} honest as proposer {summary['honest_as_proposer']}/{summary['trials']} "
+        f"mean judge confidence {summary['mean_judge_confidence']} in {summary['seconds']} s"
+    )
+    print(f"trials in {out}, summary in {out.with_suffix('.summary.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Safety-monitoring sidecar for LLM servers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -194,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--critique-mode", choices=["fast", "full"], help="fast: yes/no log-probabilities; full: parsed critique"
     )
     p.add_argument("--constitution", help="YAML file of principles (default: monitor/assets/constitution.yaml)")
+    p.add_argument("--debate-url", help="OpenAI-compatible server that debates generations a critical detector flagged")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 
@@ -273,6 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traffic", required=True, help='JSONL, one {"prompt": ..., "output": ...} per line')
     p.add_argument("--out", required=True, help="baseline file to write (JSON)")
     p.add_argument("--reference-events", type=int, default=2000, help="reference sample size per statistic")
+    p = sub.add_parser("debate", help="debate: adversarial verification (see docs/debate.md)")
+    dsub = p.add_subparsers(dest="debate_command", required=True)
+    p = dsub.add_parser(
+        "experiment",
+        help="the honest-vs-deceptive experiment over questions with known answers",
+        description="Per trial: a question, roles at random (seeded), the honest agent defends the true answer and "
+        "the deceptive one a false one; report the honest win rate, the judge's accuracy with and without debate and "
+        "the length baseline, each with a 95%% Wilson interval.",
+    )
+    p.set_defaults(func=_debate_experiment)
+    p.add_argument("--trials", type=int, default=80, help="debates to run (default 80)")
+    p.add_argument("--rounds", type=int, default=1, help="argument rounds per debate (default 1)")
+    p.add_argument("--max-tokens", type=int, default=40, help="tokens per argument (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--questions", help="CSV with Question, Best Answer, Best Incorrect Answer (default: data/debate/)")
+    p.add_argument("--out", default="runs/debate/experiment.jsonl", help="JSONL of trials (summary beside it)")
+    p.add_argument("--backend-url", help="OpenAI-compatible server (default: the in-process default model)")
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="model name sent to --backend-url")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per backend call")
     demo.add_parser(sub)
     return parser
 

@@ -79,6 +79,11 @@ class ServerConfig(BaseSettings):
     critique_queue / critique_concurrency / critique_timeout: the critique queue's bound, parallel
         calls and per-call timeout in seconds. A full queue drops (counted); scoring never waits.
     constitution: YAML file of principles (None: the default constitution).
+    debate_url: base URL of an OpenAI-compatible server that debates generations on which a critical
+        detector fired (None: no debates). debate_model: model name sent to it.
+    debate_rounds / debate_max_tokens: argument rounds per debate and tokens per argument.
+    debate_queue / debate_timeout: the debate queue's bound and the per-debate timeout in seconds.
+        A full queue drops (counted); scoring and HALT never wait.
     blas_threads: numpy BLAS threads in a ``monitor serve`` process (1 avoids thread contention).
     """
 
@@ -121,6 +126,12 @@ class ServerConfig(BaseSettings):
     critique_concurrency: Positive = 2
     critique_timeout: Annotated[float, Field(gt=0)] = 30.0
     constitution: str | None = None
+    debate_url: str | None = None
+    debate_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    debate_rounds: NonNegative = 1
+    debate_max_tokens: Positive = 64
+    debate_queue: Positive = 20
+    debate_timeout: Annotated[float, Field(gt=0)] = 300.0
     blas_threads: Positive = 1
 
     def __init__(self, **values: Any) -> None:

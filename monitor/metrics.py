@@ -193,6 +193,29 @@ class MonitorMetrics:
             ["principle"],
             registry=r,
         )
+        # -- debates (escalation of critical alerts) ------------------------------------------------
+        self.debate_verdicts = Counter(
+            f"{PREFIX}_debate_verdicts_total",
+            "Debates over critical alerts, by winner: alert (confirmed), answer (not confirmed), tie, undecided.",
+            ["winner"],
+            registry=r,
+        )
+        self.debate_queue_depth = Gauge(f"{PREFIX}_debate_queue_depth", "Alerts waiting for a debate.", registry=r)
+        self.debate_dropped = Counter(
+            f"{PREFIX}_debate_dropped_total", "Alerts not debated because the debate queue was full.", registry=r
+        )
+        self.debate_errors = Counter(
+            f"{PREFIX}_debate_errors_total",
+            "Debates that ended without a verdict, by kind (timeout, unavailable, exception).",
+            ["kind"],
+            registry=r,
+        )
+        self.debate_seconds = Histogram(
+            f"{PREFIX}_debate_duration_seconds",
+            "Time to run one debate (answer, challenge, rounds, judge).",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
         self.audit_records = Counter(
             f"{PREFIX}_audit_records_total",
             "Audit-log records, by result (written, or dropped when the queue was full or the disk failed).",

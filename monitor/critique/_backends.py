@@ -1,12 +1,15 @@
 """Critic backends: an OpenAI-compatible chat-completions endpoint (async HTTP) or the in-process model.
 
 Both answer ``chat(messages, max_tokens, top_logprobs)`` with the text and, when asked, the top
-log-probabilities of the first generated token (what the fast yes/no mode reads).
+log-probabilities of the first generated token (what the fast yes/no mode reads), and
+``label_logprobs(messages, labels)``: the log-probability of each candidate label as the next token
+(what the debate judge reads; a label the backend did not report is absent, never guessed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +63,13 @@ class OpenAIChatBackend:
                 first.setdefault(alt["token"], float(alt["logprob"]))
         return ChatReply(choice["message"]["content"] or "", first)
 
+    async def label_logprobs(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
+        """Log-probability of each label as the first reply token, from the server's ``top_logprobs``
+        (20, the OpenAI maximum); tokens equal to a label after stripping spaces are summed; a label
+        outside the top 20 is absent."""
+        reply = await self.chat(messages, max_tokens=1, top_logprobs=20)
+        return _labels_from_top(reply.first_token_logprobs, labels)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -80,6 +90,27 @@ class InProcessBackend:
     async def chat(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int = 0) -> ChatReply:
         async with self._lock:
             return await asyncio.to_thread(self._chat, messages, max_tokens, top_logprobs)
+
+    async def label_logprobs(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
+        """Log-softmax of the next-token logits at each label's token(s) (``"A"`` and ``" A"`` summed):
+        one forward pass, every label answered."""
+        async with self._lock:
+            return await asyncio.to_thread(self._label_logprobs, messages, labels)
+
+    def _label_logprobs(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
+        import torch
+
+        enc = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            logits = self.model(**enc).logits[0, -1].float()
+        lp = torch.log_softmax(logits, -1)
+        out: dict[str, float] = {}
+        for label in labels:
+            ids = {self.tokenizer.encode(v, add_special_tokens=False)[0] for v in (label, " " + label)}
+            out[label] = float(torch.logsumexp(lp[sorted(ids)], 0))
+        return out
 
     def _chat(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int) -> ChatReply:
         import torch
@@ -104,3 +135,13 @@ class InProcessBackend:
             for v, i in zip(vals, idx, strict=True):
                 first.setdefault(self.tokenizer.decode([int(i)]), float(v))
         return ChatReply(self.tokenizer.decode(ids, skip_special_tokens=True), first)
+
+
+def _labels_from_top(top: dict[str, float], labels: list[str]) -> dict[str, float]:
+    """Sum the probability of the top tokens that spell each label (``"A"``, ``" A"``); absent if none."""
+    out: dict[str, float] = {}
+    for label in labels:
+        ps = [math.exp(v) for k, v in top.items() if k.strip() == label]
+        if ps:
+            out[label] = math.log(sum(ps))
+    return out

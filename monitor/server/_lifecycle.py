@@ -20,6 +20,7 @@ from monitor._proto import monitor_pb2 as pb
 from monitor.audit import AuditLog
 from monitor.config import ServerConfig
 from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
+from monitor.debate import DebateService
 from monitor.detectors import Bundle
 from monitor.drift import DriftConfig, DriftMonitor
 from monitor.errors import ConfigError
@@ -53,6 +54,7 @@ class SidecarServer:
         )
         self._saver: asyncio.Task[None] | None = None
         self.critique: CritiqueService | None = None
+        self.debate: DebateService | None = None
         self.audit = (
             AuditLog(
                 config.audit_log,
@@ -94,6 +96,7 @@ class SidecarServer:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self.critique = await self._start_critique()
+        self.debate = await self._start_debate()
         admission = Admission(
             max_in_flight=cfg.max_in_flight,
             max_streams=cfg.max_streams,
@@ -101,7 +104,7 @@ class SidecarServer:
             max_stream_chunks=cfg.max_stream_chunks,
         )
         servicer = SafetyMonitorServicer(
-            self.pipeline, self.metrics, self._executor, admission, self.audit, self.critique
+            self.pipeline, self.metrics, self._executor, admission, self.audit, self.critique, self.debate
         )
         add_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
@@ -161,6 +164,10 @@ class SidecarServer:
             await self.critique.stop()
             await self.critique.critic.backend.aclose()  # type: ignore[attr-defined]
             self.critique = None
+        if self.debate is not None:
+            await self.debate.stop()
+            await self.debate.backend.aclose()
+            self.debate = None
         if self._saver is not None:
             self._saver.cancel()
             self._saver = None
@@ -193,6 +200,23 @@ class SidecarServer:
         """Critique results go to the audit log too (nothing waits for them: no reply acknowledges them)."""
         if self.audit is not None:
             self.audit.write(record)
+
+    async def _start_debate(self) -> DebateService | None:
+        cfg = self.config
+        if not cfg.debate_url:
+            return None
+        service = DebateService(
+            OpenAIChatBackend(cfg.debate_url, cfg.debate_model, timeout=cfg.debate_timeout),
+            rounds=cfg.debate_rounds,
+            max_tokens=cfg.debate_max_tokens,
+            timeout=cfg.debate_timeout,
+            max_queue=cfg.debate_queue,
+            metrics=self.metrics,
+            on_result=self._audit_critique if self.audit is not None else None,
+        )
+        await service.start()
+        log.info("debates: critical alerts are debated via %s (%d rounds)", cfg.debate_url, cfg.debate_rounds)
+        return service
 
     def save_drift(self) -> None:
         """Write the drift state to ``drift_state`` (no-op when none is configured)."""

@@ -23,6 +23,8 @@ import grpc
 from monitor._proto import monitor_pb2 as pb
 from monitor.audit import AuditLog, AuditUnavailable
 from monitor.critique import CritiqueEvent, CritiqueService
+from monitor.debate import DebateEvent, DebateService
+from monitor.detectors import DetectorResult
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
@@ -81,11 +83,13 @@ class SafetyMonitorServicer:
         admission: Admission,
         audit: AuditLog | None = None,
         critique: CritiqueService | None = None,
+        debate: DebateService | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._audit = audit
         self._critique = critique
+        self._debate = debate
         self._executor = executor
         self._admission = admission
         self._active = {"unary": 0, "stream": 0}
@@ -102,7 +106,7 @@ class SafetyMonitorServicer:
             if self._audit is not None:
                 await _durable(self._audit.record("Score", result))
             self._metrics.record_score("Score", result)
-            self._offer(result.request_id, req.prompt, req.output, result.flagged)
+            self._offer(result.request_id, req.prompt, req.output, result.flagged, result.detectors)
             return _convert.score_response(result)
 
     async def ScoreStream(
@@ -119,7 +123,7 @@ class SafetyMonitorServicer:
                 self._metrics.record_chunk(verdict)
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
-                    self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged)
+                    self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged, verdict.detectors)
                 call.incomplete = not scorer.finished and scorer.chunks > 0
                 yield _convert.verdict(verdict)
 
@@ -206,12 +210,17 @@ class SafetyMonitorServicer:
                 self._metrics.ingest_items.labels("accepted").inc()
                 self._metrics.record_score("Ingest", outcome)
                 assert isinstance(item, ScoreInput)
-                self._offer(item.request_id, item.prompt, item.output, outcome.flagged)
+                self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 
-    def _offer(self, request_id: str, prompt: str, output: str, flagged: bool) -> None:
-        """Hand a finished generation to the critique policy (never blocks; a full queue drops)."""
+    def _offer(
+        self, request_id: str, prompt: str, output: str, flagged: bool, detectors: tuple[DetectorResult, ...] = ()
+    ) -> None:
+        """Hand a finished generation to the critique policy and, if a critical detector fired, to the
+        debate queue (neither blocks; a full queue drops)."""
         if self._critique is not None and output:
             self._critique.offer(CritiqueEvent(request_id, prompt, output, flagged))
+        if self._debate is not None and output:
+            self._debate.offer(DebateEvent.from_detectors(request_id, prompt, output, detectors))
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
