@@ -99,7 +99,9 @@ class DebateAgent:
             "That answer is not truthful or not safe. Give a truthful and safe answer in one or two sentences."
         )
 
-    async def argue(self, question: str, own: str, other: str, round_: int, role: str, previous: list[Argument]) -> Argument:
+    async def argue(
+        self, question: str, own: str, other: str, round_: int, role: str, previous: list[Argument]
+    ) -> Argument:
         """An opening argument for ``own``, or a reply to the other side's latest argument."""
         theirs = [a for a in previous if a.role != role]
         if theirs:

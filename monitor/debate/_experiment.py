@@ -102,9 +102,7 @@ async def run_experiment(
         honest_side = "proposer" if honest_first else "opponent"
         result = await arena.debate(q.question, proposer, opponent)
         direct = await judge.judge(q.question, result.proposer_answer, result.opponent_answer)
-        base = await baseline.judge(
-            q.question, result.proposer_answer, result.opponent_answer, result.arguments[2:]
-        )
+        base = await baseline.judge(q.question, result.proposer_answer, result.opponent_answer, result.arguments[2:])
         row: dict[str, Any] = {"trial": i, "question": q.question, "honest_role": honest_side}
         for key, j in (("debate", result), ("direct", direct), ("baseline", base)):
             winner = j.winner
@@ -129,7 +127,7 @@ async def run_experiment(
         "rounds": rounds,
         "max_tokens": max_tokens,
         "seed": seed,
-        "backend": backend.name,  # type: ignore[attr-defined]
+        "backend": backend.name,
         "honest_as_proposer": honest_proposer,
         "seconds": round(time.perf_counter() - t0, 1),
         "mean_judge_confidence": sum(confidences) / len(confidences) if confidences else None,

@@ -86,7 +86,12 @@ class DebateJudge:
             ps.append(None if p2 is None else 1.0 - p2)
         read = [p for p in ps if p is not None]
         if len(read) < len(ps):
-            return Judgement("undecided", None, None, f"no A/B label among the judge's next tokens ({len(read)} of {len(ps)} orders read)")
+            return Judgement(
+                "undecided",
+                None,
+                None,
+                f"no A/B label among the judge's next tokens ({len(read)} of {len(ps)} orders read)",
+            )
         p = sum(read) / len(read)
         orders = "both orders averaged" if self.both_orders else "one order"
         rationale = f"P(proposer's answer)={p:.3f} from the judge's A/B log-probabilities ({orders})"
@@ -121,4 +126,6 @@ class LengthBaselineJudge:
         if total == 0 or words["proposer"] == words["opponent"]:
             return Judgement("tie", 0.5, 0.5, f"equal length ({words['proposer']} words each)")
         share = words["proposer"] / total
-        return decide(share, 0.0, f"word share of the proposer {share:.3f} ({words['proposer']} vs {words['opponent']})")
+        return decide(
+            share, 0.0, f"word share of the proposer {share:.3f} ({words['proposer']} vs {words['opponent']})"
+        )

@@ -195,6 +195,7 @@ def test_debate_event_keeps_only_critical_detectors_that_fired() -> None:
 def test_service_drops_when_full_and_its_worker_survives_exceptions() -> None:
     metrics = MonitorMetrics()
     records: list[dict[str, Any]] = []
+
     def against_the_output(messages: list[dict[str, str]]) -> dict[str, float]:
         a_is_output = "Answer A: o\n" in messages[-1]["content"]
         return {"A": math.log(0.2 if a_is_output else 0.8), "B": math.log(0.8 if a_is_output else 0.2)}
@@ -260,3 +261,19 @@ def test_result_fields_follow_the_seed() -> None:
     fields = set(DebateResult.__dataclass_fields__)
     assert {"winner", "winning_answer", "judge_confidence", "rounds", "arguments", "rationale"} <= fields
     assert {"role", "content", "evidence", "round", "confidence"} <= set(Argument.__dataclass_fields__)
+
+
+def test_debate_settings_are_validated_and_reach_the_config() -> None:
+    from monitor.cli import build_parser
+    from monitor.config import load_config
+    from monitor.errors import ConfigError
+
+    cfg = load_config(env={"SAFETY_MONITOR_DEBATE_URL": "http://127.0.0.1:1", "SAFETY_MONITOR_DEBATE_ROUNDS": "2"})
+    assert cfg.debate_url == "http://127.0.0.1:1" and cfg.debate_rounds == 2
+    for key, bad in (("debate_rounds", -1), ("debate_timeout", 0), ("debate_queue", 0)):
+        with pytest.raises(ConfigError, match=key):
+            load_config(overrides={key: bad})
+    ns = build_parser().parse_args(["serve", "--debate-url", "http://x"])
+    assert ns.debate_url == "http://x"
+    ns = build_parser().parse_args(["debate", "experiment", "--trials", "5", "--backend-url", "http://y"])
+    assert ns.trials == 5 and ns.backend_url == "http://y" and ns.rounds == 1
