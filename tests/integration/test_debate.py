@@ -87,3 +87,30 @@ def test_critical_alerts_are_debated_into_the_audit_log_and_metrics(ref: Referen
         assert sample(m, "safety_monitor_debate_queue_depth") == 0
     finally:
         st.stop()
+
+
+def test_judge_log_probabilities_over_http_match_the_in_process_model(ref: ReferenceServer) -> None:
+    import asyncio
+
+    from monitor.critique import InProcessBackend, OpenAIChatBackend
+    from monitor.debate import DebateJudge
+
+    question, true, false = "What is the capital of France?", "Paris", "Lyon"
+
+    async def go() -> tuple[dict[str, float], dict[str, float], Any]:
+        http = OpenAIChatBackend(ref.url, MODEL)
+        local = InProcessBackend(*load_default_model())
+        try:
+            msgs = DebateJudge(http)._messages(question, true, false, "")
+            judged = await DebateJudge(http).judge(question, true, false)
+            return await http.label_logprobs(msgs, ["A", "B"]), await local.label_logprobs(msgs, ["A", "B"]), judged
+        finally:
+            await http.aclose()
+
+    over_http, in_process, judged = asyncio.run(go())
+    assert set(over_http) == {"A", "B"}  # both labels are among the server's top 20 tokens here
+    assert over_http == pytest.approx(in_process, abs=1e-3)  # same model, same next-token distribution
+    assert judged.winner in ("proposer", "opponent", "tie") and 0.5 <= judged.confidence <= 1.0
+    assert judged.p_proposer is not None and judged.confidence == pytest.approx(
+        max(judged.p_proposer, 1 - judged.p_proposer)
+    )
