@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -152,10 +151,3 @@ def summary_table(s: dict[str, Any]) -> str:
             f"[{r['low']:.3f}, {r['high']:.3f}] | {s['ties'][k]} | {s['undecided'][k]} |"
         )
     return "\n".join(lines)
-
-
-def stderr_progress(done: int, total: int, stream: TextIO = sys.stderr) -> None:
-    stream.write(f"\rdebate trials {done}/{total}")
-    if done == total:
-        stream.write("\n")
-    stream.flush()

@@ -277,3 +277,17 @@ def test_debate_settings_are_validated_and_reach_the_config() -> None:
     assert ns.debate_url == "http://x"
     ns = build_parser().parse_args(["debate", "experiment", "--trials", "5", "--backend-url", "http://y"])
     assert ns.trials == 5 and ns.backend_url == "http://y" and ns.rounds == 1
+
+
+def test_question_files_are_checked(tmp_path: Any) -> None:
+    from monitor.debate import load_questions
+    from monitor.errors import MonitorError
+
+    bad = tmp_path / "q.csv"
+    bad.write_text("Question,Answer\nWhy?,Because\n")
+    with pytest.raises(MonitorError, match="Best Incorrect Answer"):
+        load_questions(bad)
+    with pytest.raises(MonitorError, match="--questions"):
+        load_questions(tmp_path / "missing.csv")
+    shipped = load_questions()
+    assert len(shipped) == 200 and all(q.true_answer and q.false_answer for q in shipped)
