@@ -189,9 +189,11 @@ def _debate_experiment(ns: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    with out.open("w", encoding="utf-8") as f:
-        summary = asyncio.run(
-            run_experiment(
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per backend call drowns the bar
+
+    async def experiment(f: Any) -> dict[str, Any]:
+        try:
+            return await run_experiment(
                 backend,
                 backend,
                 questions,
@@ -202,7 +204,12 @@ def _debate_experiment(ns: argparse.Namespace) -> int:
                 out=f,
                 progress=progress,
             )
-        )
+        finally:
+            if hasattr(backend, "aclose"):
+                await backend.aclose()
+
+    with out.open("w", encoding="utf-8") as f:
+        summary = asyncio.run(experiment(f))
     bar.close()
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(summary_table(summary))
