@@ -190,14 +190,15 @@ class SidecarServer:
             max_queue=cfg.critique_queue,
             concurrency=cfg.critique_concurrency,
             metrics=self.metrics,
-            on_result=self._audit_critique if self.audit is not None else None,
+            on_result=self._audit_background if self.audit is not None else None,
         )
         await service.start()
         log.info("critiques: %s in %s mode via %s", "on", cfg.critique_mode, cfg.critic_url)
         return service
 
-    def _audit_critique(self, record: dict[str, Any]) -> None:
-        """Critique results go to the audit log too (nothing waits for them: no reply acknowledges them)."""
+    def _audit_background(self, record: dict[str, Any]) -> None:
+        """Critique and debate results go to the audit log too (nothing waits for them: no reply
+        acknowledges them)."""
         if self.audit is not None:
             self.audit.write(record)
 
@@ -212,7 +213,7 @@ class SidecarServer:
             timeout=cfg.debate_timeout,
             max_queue=cfg.debate_queue,
             metrics=self.metrics,
-            on_result=self._audit_critique if self.audit is not None else None,
+            on_result=self._audit_background if self.audit is not None else None,
         )
         await service.start()
         log.info("debates: critical alerts are debated via %s (%d rounds)", cfg.debate_url, cfg.debate_rounds)
