@@ -92,23 +92,20 @@ def _train_detectors(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from monitor.detectors import default_bundle_path
-    from monitor.detectors._evaluate import build_detectors
+    from monitor.detectors._evaluate import RECIPES, build_detectors
     from monitor.models import load_default_model
 
+    unknown = sorted(set(ns.behaviour or ()) - set(RECIPES))
+    if unknown:  # checked here, not by argparse: listing the choices would import torch for every command
+        raise MonitorError(f"--behaviour: expected one of {', '.join(RECIPES)}, got {', '.join(unknown)}")
     bundle = Path(ns.bundle) if ns.bundle else default_bundle_path()
-    results = build_detectors(bundle, Path(ns.cache), load_default_model, behaviours=ns.behaviour or _all())
+    results = build_detectors(bundle, Path(ns.cache), load_default_model, behaviours=ns.behaviour or tuple(RECIPES))
     for per_det in results.values():
         for name, splits in per_det.items():
             for split, m in splits.items():
                 print(f"{name:28} {split:26} n={m.n:5d} AUROC {m.auroc:.3f} R@1%FPR {m.recall_at_1pct_fpr:.3f}")
     print(f"wrote detectors into {bundle}; run `monitor evaluate` to write the model card")
     return 0
-
-
-def _all() -> tuple[str, ...]:
-    from monitor.detectors._evaluate import RECIPES
-
-    return tuple(RECIPES)
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
@@ -253,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 
-    from monitor.sae._collect import DEFAULT_CORPUS
+    from monitor.sae._config import DEFAULT_CORPUS
 
     p = sub.add_parser(
         "collect",
@@ -304,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train_detectors)
     p.add_argument("--bundle", help="bundle folder (default: the embedded default)")
-    p.add_argument("--behaviour", action="append", choices=list(_all()), help="repeatable (default: all)")
+    p.add_argument("--behaviour", action="append", help="deception, sycophancy or refusal; repeatable (default: all)")
     p.add_argument("--cache", default="runs/detector-acts", help="activation cache folder")
 
     p = sub.add_parser(

@@ -7,11 +7,13 @@ recorded from them by ``monitor.metrics``, never here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from monitor.tensors import WireTensor, decode, require_finite
 from monitor.text import text_statistics
 
 __all__ = [
+    "DETECTOR_PREFIX",
     "ActivationInput",
     "ChunkInput",
     "HookStats",
@@ -32,6 +35,8 @@ __all__ = [
     "ScoreResult",
     "StreamScorer",
     "StreamVerdict",
+    "drift_values",
+    "observe_drift",
 ]
 
 MAX_REQUEST_ID = 128
@@ -98,7 +103,7 @@ class ScoreResult:
     seconds: float
     bytes_received: int
     detectors: tuple[DetectorResult, ...] = ()
-    change_points: tuple[str, ...] = ()  # drift metrics whose change detector fired on this event
+    change_points: tuple[str, ...] = ()  # drift metrics whose change detector fired (set by ``observe_drift``)
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,33 @@ class StreamVerdict:
     seconds: float
     detectors: tuple[DetectorResult, ...] = ()
     halted_now: bool = False  # this chunk is the one that first advised HALT
-    change_points: tuple[str, ...] = ()  # on the final chunk: drift change points of this generation
+    change_points: tuple[str, ...] = ()  # on the final chunk: drift change points (set by ``observe_drift``)
+
+
+R = TypeVar("R", ScoreResult, StreamVerdict)
+DETECTOR_PREFIX = "detector."  # drift metrics of detector verdicts (they depend on the bundle)
+
+
+def drift_values(text_stats: Mapping[str, float], detectors: Sequence[DetectorResult]) -> dict[str, float]:
+    """What the drift engine tracks of one finished generation: its text statistics and detector verdicts."""
+    values = {f"text.{k}": v for k, v in text_stats.items()}
+    for r in detectors:
+        values[f"{DETECTOR_PREFIX}{r.name}.probability"] = r.probability
+        values[f"{DETECTOR_PREFIX}{r.name}.fired"] = float(r.fired)
+    return values
+
+
+def observe_drift(drift: DriftMonitor, result: R) -> R:
+    """Record a finished generation in ``drift``; returns the result with the change points it caused.
+
+    Scoring never touches drift: the server calls this once per generation it acknowledges (a
+    final stream verdict, a Score or Ingest result), so evaluation and benches that call
+    ``Pipeline.score`` leave the drift state alone.
+    """
+    if isinstance(result, StreamVerdict) and not result.final:
+        return result
+    changes = tuple(drift.update(drift_values(result.text_stats, result.detectors)))
+    return dataclasses.replace(result, change_points=changes) if changes else result
 
 
 @dataclass
@@ -164,20 +195,10 @@ class Pipeline:
         bundle: Bundle,
         limits: Limits | None = None,
         detectors: DetectorSet | None = None,
-        drift: DriftMonitor | None = None,
     ) -> None:
         self.bundle = bundle
         self.limits = limits or Limits()
         self.detectors = detectors if detectors is not None else DetectorSet.from_bundle(bundle)
-        self.drift = drift if drift is not None else DriftMonitor()
-
-    def observe(self, text_stats: Mapping[str, float], results: Sequence[DetectorResult]) -> tuple[str, ...]:
-        """Feed one finished generation to the drift engine; returns the metrics with a change point."""
-        values = {f"text.{k}": v for k, v in text_stats.items()}
-        for r in results:
-            values[f"detector.{r.name}.probability"] = r.probability
-            values[f"detector.{r.name}.fired"] = float(r.fired)
-        return tuple(self.drift.update(values))
 
     # -- finished generations -------------------------------------------------------------
     def score(self, req: ScoreInput) -> ScoreResult:
@@ -197,7 +218,7 @@ class Pipeline:
         nbytes = 0
         running = self.detectors.open_running()
         for i, block in enumerate(req.activations):
-            hp, arr = self._decode_block(block, f"activations[{i}]", self.limits.max_tokens)
+            hp, arr = self.decode_block(block, f"activations[{i}]", self.limits.max_tokens)
             if hp.name in accs:
                 raise InvalidInput(
                     f"activations[{i}].hook_point",
@@ -213,7 +234,6 @@ class Pipeline:
             nbytes += len(block.tensor.data)
         results = _finite_results(running.results())
         stats = text_statistics(req.prompt, req.output)
-        changes = self.observe(stats, results)
         return ScoreResult(
             request_id=req.request_id,
             model=req.model,
@@ -223,7 +243,6 @@ class Pipeline:
             seconds=time.perf_counter() - start,
             bytes_received=nbytes,
             detectors=results,
-            change_points=changes,
         )
 
     # -- running generations --------------------------------------------------------------
@@ -231,7 +250,8 @@ class Pipeline:
         """State for one ScoreStream call; feed it chunks with ``update``."""
         return StreamScorer(self)
 
-    def _decode_block(self, block: ActivationInput, field_name: str, max_tokens: int) -> tuple[HookPoint, np.ndarray]:
+    def decode_block(self, block: ActivationInput, field_name: str, max_tokens: int) -> tuple[HookPoint, np.ndarray]:
+        """Check one block against the bundle and the limits, then decode it; errors name ``field_name``."""
         hp = self.bundle.hook_point(block.hook_point)
         if hp is None:
             names = ", ".join(h.name for h in self.bundle.hook_points)
@@ -334,7 +354,7 @@ class StreamScorer:
         budget = self._p.limits.max_stream_tokens - self.tokens_seen
         for i, block in enumerate(chunk.activations):
             field_name = f"activations[{i}]"
-            hp, arr = self._p._decode_block(block, field_name, self._p.limits.max_tokens)
+            hp, arr = self._p.decode_block(block, field_name, self._p.limits.max_tokens)
             if hp.name in new_tokens:
                 raise InvalidInput(
                     f"{field_name}.hook_point",
@@ -369,12 +389,10 @@ class StreamScorer:
                 reason="missing",
             )
         results = _finite_results(self._running.results())
-        changes: tuple[str, ...] = ()
         if chunk.final:  # full statistics once, on the whole output; chunks get the cheap ones
             output = self.output
             self._output_parts = [output]
             stats = text_statistics(self._prompt, output)
-            changes = self._p.observe(stats, results)
         else:
             stats = {"output_chars": float(self._output_chars), "prompt_chars": float(len(self._prompt))}
         halted_now = False
@@ -396,7 +414,6 @@ class StreamScorer:
             seconds=time.perf_counter() - start,
             detectors=results,
             halted_now=halted_now,
-            change_points=changes,
         )
 
 

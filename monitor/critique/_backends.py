@@ -29,6 +29,10 @@ class CriticBackend(Protocol):
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int = 0) -> ChatReply: ...
 
+    async def aclose(self) -> None:
+        """Release connections (the server calls it once, at shutdown)."""
+        ...
+
 
 class OpenAIChatBackend:
     """Any server speaking ``POST /v1/chat/completions`` (vLLM, TGI, llama.cpp, the reference server)."""
@@ -111,6 +115,9 @@ class InProcessBackend:
             ids = {self.tokenizer.encode(v, add_special_tokens=False)[0] for v in (label, " " + label)}
             out[label] = float(torch.logsumexp(lp[sorted(ids)], 0))
         return out
+
+    async def aclose(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
 
     def _chat(self, messages: list[dict[str, str]], max_tokens: int, top_logprobs: int) -> ChatReply:
         import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Bundle:
     sae_path: Path | None = None
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    identity: str = ""  # sha256 (first 16 hex) of the manifest and weight files: see ``bundle_identity``
 
     @property
     def accepted_models(self) -> tuple[str, ...]:
@@ -88,6 +90,7 @@ class Bundle:
                 sae_path=folder / str(raw["sae"]["path"]) if raw.get("sae") else None,
                 path=folder,
                 raw=raw,
+                identity=bundle_identity(folder),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest}: missing or malformed key: {exc}") from exc
@@ -104,6 +107,25 @@ class Bundle:
         from monitor.sae import load
 
         return load(self.sae_path)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".npz")
+
+
+def bundle_identity(folder: Path) -> str:
+    """What makes two bundles score alike: ``bundle.yaml`` and every weight file below the folder.
+
+    Drift state is keyed by it, so a swapped bundle never compares its verdicts with another's.
+    """
+    h = hashlib.sha256()
+    files = [folder / "bundle.yaml"]
+    files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def default_bundle_path() -> Path:

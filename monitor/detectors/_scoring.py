@@ -15,115 +15,40 @@ the behaviour is seen before the running mean catches up.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from monitor.detectors._bundle import Bundle, BundleError
+from monitor.detectors._manifest import (
+    AGGREGATIONS,
+    FEATURES_FILE,
+    WEIGHTS_FILE,
+    DetectorSpec,
+    ProbeWeights,
+    load_probe_weights,
+    save_probe_weights,
+)
+from monitor.sae._config import SAEConfig
+from monitor.sae._files import slice_encoder
 
-KINDS = ("sae_probe", "linear_probe", "ensemble")
-AGGREGATIONS = ("mean", "max")
-WEIGHTS_FILE = "detectors.safetensors"
-FEATURES_FILE = "detectors.features.json"
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """One ``detectors:`` entry of ``bundle.yaml`` (weights live in ``detectors.safetensors``).
-
-    threshold: score at or above which the detector fires (set at ``target_fpr`` on held-out negatives).
-    calibration: ``(slope, intercept)`` of the Platt map score -> probability.
-    members: for an ensemble, ``{member name: coefficient}``; its ``bias`` is the stack's intercept.
-    """
-
-    name: str
-    behaviour: str
-    kind: str
-    hook_point: str
-    aggregation: str
-    threshold: float
-    target_fpr: float
-    calibration: tuple[float, float]
-    critical: bool = False
-    members: Mapping[str, float] = field(default_factory=dict)
-    bias: float = 0.0
-    ema_halflife_tokens: float = 16.0
-    halt_min_tokens: int = 8
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> DetectorSpec:
-        """Parse one manifest entry; errors name the entry and the field."""
-        try:
-            spec = cls(
-                name=str(d["name"]),
-                behaviour=str(d["behaviour"]),
-                kind=str(d["kind"]),
-                hook_point=str(d["hook_point"]),
-                aggregation=str(d.get("aggregation", "mean")),
-                threshold=float(d["threshold"]),
-                target_fpr=float(d.get("target_fpr", 0.01)),
-                calibration=(float(d["calibration"]["slope"]), float(d["calibration"]["intercept"])),
-                critical=bool(d.get("critical", False)),
-                members={str(k): float(v) for k, v in (d.get("members") or {}).items()},
-                bias=float(d.get("bias", 0.0)),
-                ema_halflife_tokens=float(d.get("ema_halflife_tokens", 16.0)),
-                halt_min_tokens=int(d.get("halt_min_tokens", 8)),
-                metrics=dict(d.get("metrics") or {}),
-                provenance=dict(d.get("provenance") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
-        if spec.kind not in KINDS:
-            raise BundleError(f"{where}.kind: expected one of {list(KINDS)}, got {spec.kind!r}")
-        if spec.aggregation not in AGGREGATIONS:
-            raise BundleError(f"{where}.aggregation: expected one of {list(AGGREGATIONS)}, got {spec.aggregation!r}")
-        if spec.kind == "ensemble" and not spec.members:
-            raise BundleError(f"{where}.members: expected at least one member for an ensemble, got none")
-        if spec.ema_halflife_tokens <= 0:
-            raise BundleError(f"{where}.ema_halflife_tokens: expected > 0, got {spec.ema_halflife_tokens}")
-        return spec
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest entry (inverse of ``from_dict``)."""
-        d: dict[str, Any] = {
-            "name": self.name,
-            "behaviour": self.behaviour,
-            "kind": self.kind,
-            "hook_point": self.hook_point,
-            "aggregation": self.aggregation,
-            "threshold": self.threshold,
-            "target_fpr": self.target_fpr,
-            "calibration": {"slope": self.calibration[0], "intercept": self.calibration[1]},
-            "critical": self.critical,
-            "ema_halflife_tokens": self.ema_halflife_tokens,
-            "halt_min_tokens": self.halt_min_tokens,
-        }
-        if self.kind == "ensemble":
-            d["members"] = dict(self.members)
-            d["bias"] = self.bias
-        d["metrics"] = dict(self.metrics)
-        d["provenance"] = dict(self.provenance)
-        return d
-
-    def probability(self, score: float) -> float:
-        """Calibrated probability of the behaviour for an aggregated score."""
-        z = self.calibration[0] * score + self.calibration[1]
-        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
-
-@dataclass(frozen=True)
-class ProbeWeights:
-    """A fitted probe on raw inputs: SAE latents (``latents`` set) or the raw residual (``latents`` None)."""
-
-    weight: np.ndarray
-    bias: float
-    latents: np.ndarray | None = None
+# The manifest names are re-exported for the fitting modules that import them from here.
+__all__ = [
+    "AGGREGATIONS",
+    "FEATURES_FILE",
+    "WEIGHTS_FILE",
+    "Contribution",
+    "DetectorResult",
+    "DetectorSet",
+    "DetectorSpec",
+    "HookProjection",
+    "LinearDetector",
+    "ProbeWeights",
+    "RunningScores",
+    "save_probe_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -155,21 +80,82 @@ class DetectorResult:
     halt_min_tokens: int = 8  # a stream may only be halted by this detector after this many tokens
 
 
-@dataclass
-class _Linear:
-    """A detector at run time: per-token score = features[:, cols] @ weight + bias."""
+@dataclass(frozen=True)
+class LinearDetector:
+    """A detector at run time: per-token score = features[:, cols] @ weight + bias.
+
+    The first ``n_latent_cols`` of ``cols`` are SAE latents (``latent_ids``, contributions are
+    reported for them); the rest are dense directions.
+    """
 
     spec: DetectorSpec
     cols: np.ndarray
     weight: np.ndarray
     bias: float
-    n_latent_cols: int  # how many of ``cols`` are SAE latents (contributions are reported for them)
+    latent_ids: np.ndarray
+
+    @property
+    def n_latent_cols(self) -> int:
+        return len(self.latent_ids)
+
+    def latent_weights(self) -> list[tuple[int, float]]:
+        """``(SAE latent id, weight)`` of each latent column, strongest first."""
+        pairs = zip(self.latent_ids, self.weight[: self.n_latent_cols], strict=True)
+        return sorted(((int(lat), float(w)) for lat, w in pairs), key=lambda p: -abs(p[1]))
+
+    def token_scores(self, feats: np.ndarray) -> np.ndarray:
+        """Per-token scores on feature rows ``[T, K]`` of this detector's hook point."""
+        out: np.ndarray = feats[:, self.cols] @ self.weight + self.bias
+        return out
+
+    def result(
+        self,
+        score: float,
+        recent: float,
+        col_means: np.ndarray,
+        tokens: int,
+        reports: Mapping[int, Mapping[str, Any]],
+    ) -> DetectorResult:
+        """The verdict for an aggregated score, with the latents that pushed it up (largest first)."""
+        spec = self.spec
+        contribs = []
+        for lat, c, w in zip(self.latent_ids, self.cols, self.weight, strict=False):
+            value = float(col_means[c]) * float(w)
+            if value > 0:
+                rep = reports.get(int(lat), {})
+                contribs.append(
+                    Contribution(
+                        int(lat), float(col_means[c]), value, str(rep.get("label", "")), str(rep.get("example", ""))
+                    )
+                )
+        contribs.sort(key=lambda c: -c.contribution)
+        return DetectorResult(
+            name=spec.name,
+            behaviour=spec.behaviour,
+            kind=spec.kind,
+            score=score,
+            recent_score=recent,
+            probability=spec.probability(score),
+            threshold=spec.threshold,
+            fired=score >= spec.threshold,
+            critical=spec.critical,
+            top_features=tuple(contribs[:3]),
+            tokens=tokens,
+            halt_min_tokens=spec.halt_min_tokens,
+        )
 
 
 class HookProjection:
     """The shared ``[d_model, K]`` projection of one hook point: SAE latent columns, then dense columns."""
 
-    def __init__(self, hook_point: str, d_model: int, sae: Any, latent_ids: Sequence[int], dense: Sequence[np.ndarray]):
+    def __init__(
+        self,
+        hook_point: str,
+        d_model: int,
+        sae: tuple[SAEConfig, Mapping[str, np.ndarray]] | None,
+        latent_ids: Sequence[int],
+        dense: Sequence[np.ndarray],
+    ) -> None:
         self.hook_point = hook_point
         self.latent_ids = np.asarray(latent_ids, dtype=np.int64)
         k = len(self.latent_ids)
@@ -179,14 +165,10 @@ class HookProjection:
         if k:
             if sae is None:
                 raise BundleError(f"hook point {hook_point}: SAE probes need the bundle's sae, none loaded")
-            from monitor.sae import SlicedEncoder
-
-            enc = SlicedEncoder(sae, self.latent_ids.tolist())
-            if enc.full_encode_required:
+            if sae[0].architecture == "topk":
                 raise BundleError(f"hook point {hook_point}: SAE probes over a TopK SAE cannot be sliced")
-            w[:, :k] = enc.W.detach().float().numpy()
-            b[:k] = enc.b.detach().float().numpy()
-            self.jump_threshold = enc.threshold.detach().float().numpy().astype(np.float32)
+            enc = slice_encoder(sae[0], sae[1], self.latent_ids.tolist())
+            w[:, :k], b[:k], self.jump_threshold = enc.W, enc.b, enc.threshold
         for j, vec in enumerate(dense):
             w[:, k + j] = vec
         self.w, self.b = w, b
@@ -237,7 +219,7 @@ class RunningScores:
         for i, det in enumerate(self._d.runtime):
             if det.spec.hook_point != hook_point:
                 continue
-            s = feats[:, det.cols] @ det.weight + det.bias
+            s = det.token_scores(feats)
             self.sum[i] += float(s.sum(dtype=np.float64))
             self.max[i] = max(self.max[i], float(s.max()))
             alpha = float(self.alpha[i])
@@ -255,7 +237,7 @@ class RunningScores:
             score = self.sum[i] / n if det.spec.aggregation == "mean" else self.max[i]
             means = self.latent_sums[det.spec.hook_point] / n
             recent = self.ema[i] / (1.0 - (1.0 - self.alpha[i]) ** self.count[i])
-            out.append(self._d._result(det, float(score), float(recent), means, n))
+            out.append(det.result(float(score), float(recent), means, n, self._d.reports))
         return out
 
 
@@ -275,11 +257,13 @@ class DetectorSet:
         sae: Any,
         reports: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> None:
+        """``sae``: the bundle's SAE as ``(SAEConfig, weights)`` numpy arrays, a torch ``SAE``, or None."""
         self.specs = tuple(specs)
         self.reports = dict(reports or {})
         by_name = {s.name: s for s in self.specs}
         self.projections: dict[str, HookProjection] = {}
-        self.runtime: list[_Linear] = []
+        self.runtime: list[LinearDetector] = []
+        arrays = _sae_arrays(sae)
         for hp in bundle.hook_points:
             mine = [s for s in self.specs if s.hook_point == hp.name]
             if not mine:
@@ -291,7 +275,7 @@ class DetectorSet:
             for name in dense_names:
                 if _probe(probes, by_name[name]).weight.shape != (hp.d_model,):
                     raise BundleError(f"{WEIGHTS_FILE}: {name}.weight: expected shape [{hp.d_model}]")
-            proj = HookProjection(hp.name, hp.d_model, sae, latents, [probes[n].weight for n in dense_names])
+            proj = HookProjection(hp.name, hp.d_model, arrays, latents, [probes[n].weight for n in dense_names])
             self.projections[hp.name] = proj
             col_of: dict[int | str, int] = {lat: j for j, lat in enumerate(latents)}
             col_of.update({_dense_key(n): proj.n_latents + j for j, n in enumerate(dense_names)})
@@ -299,12 +283,12 @@ class DetectorSet:
                 cols = _columns(spec, by_name, probes, col_of)
                 order = sorted(cols)
                 self.runtime.append(
-                    _Linear(
+                    LinearDetector(
                         spec,
                         np.array(order, dtype=np.int64),
                         np.array([cols[c] for c in order], dtype=np.float32),
                         _bias(spec, by_name, probes),
-                        sum(1 for c in order if c < proj.n_latents),
+                        proj.latent_ids[[c for c in order if c < proj.n_latents]],
                     )
                 )
 
@@ -326,8 +310,10 @@ class DetectorSet:
             feats = bundle.path / FEATURES_FILE
             if feats.is_file():
                 reports = {int(k): v for k, v in json.loads(feats.read_text()).items()}
-        if sae is None and any(s.kind == "sae_probe" for s in specs):
-            sae = bundle.load_sae()
+        if sae is None and any(s.kind == "sae_probe" for s in specs) and bundle.sae_path is not None:
+            from monitor.sae._files import read
+
+            sae = read(bundle.sae_path)  # numpy: serving never needs torch
         return cls(specs, probes, bundle, sae, reports)
 
     # -- scoring --------------------------------------------------------------------------------
@@ -354,42 +340,23 @@ class DetectorSet:
         """Running state for a stream."""
         return RunningScores(self)
 
+    def detector(self, name: str) -> LinearDetector:
+        """The run-time form of detector ``name`` (its columns, weights and latents)."""
+        for d in self.runtime:
+            if d.spec.name == name:
+                return d
+        raise KeyError(f"detector {name!r}: not in this bundle; expected one of {[s.name for s in self.specs]}")
+
     def token_scores(self, name: str, feats: np.ndarray) -> np.ndarray:
         """Per-token scores of detector ``name`` on feature rows (used by evaluation and tests)."""
-        det = next(d for d in self.runtime if d.spec.name == name)
-        out: np.ndarray = feats[:, det.cols] @ det.weight + det.bias
-        return out
+        return self.detector(name).token_scores(feats)
 
-    def _result(self, det: _Linear, score: float, recent: float, col_means: np.ndarray, tokens: int) -> DetectorResult:
-        spec = det.spec
-        contribs = []
-        proj = self.projections[spec.hook_point]
-        for c, w in zip(det.cols[: det.n_latent_cols], det.weight[: det.n_latent_cols], strict=True):
-            value = float(col_means[c]) * float(w)
-            if value > 0:
-                latent = int(proj.latent_ids[c])
-                rep = self.reports.get(latent, {})
-                contribs.append(
-                    Contribution(
-                        latent, float(col_means[c]), value, str(rep.get("label", "")), str(rep.get("example", ""))
-                    )
-                )
-        contribs.sort(key=lambda c: -c.contribution)
-        fired = score >= spec.threshold
-        return DetectorResult(
-            name=spec.name,
-            behaviour=spec.behaviour,
-            kind=spec.kind,
-            score=score,
-            recent_score=recent,
-            probability=spec.probability(score),
-            threshold=spec.threshold,
-            fired=fired,
-            critical=spec.critical,
-            top_features=tuple(contribs[:3]),
-            tokens=tokens,
-            halt_min_tokens=spec.halt_min_tokens,
-        )
+
+def _sae_arrays(sae: Any) -> tuple[SAEConfig, Mapping[str, np.ndarray]] | None:
+    """The SAE as numpy arrays: given so, or read off a torch ``SAE`` (what fitting passes)."""
+    if sae is None or isinstance(sae, tuple):
+        return sae
+    return sae.cfg, {k: v.float().numpy() for k, v in sae.state().items()}
 
 
 def _as_list(a: np.ndarray | None) -> list[int]:
@@ -433,37 +400,3 @@ def _probe(probes: Mapping[str, ProbeWeights], spec: DetectorSpec) -> ProbeWeigh
     if spec.name not in probes:
         raise BundleError(f"{WEIGHTS_FILE}: expected weights for detector {spec.name!r}, found none")
     return probes[spec.name]
-
-
-def load_probe_weights(path: Path) -> dict[str, ProbeWeights]:
-    """Read ``detectors.safetensors`` (keys ``<name>.weight``, ``<name>.bias``, ``<name>.latents``)."""
-    if not path.is_file():
-        raise BundleError(f"bundle: expected detector weights at {path}, found nothing")
-    from safetensors.numpy import load_file
-
-    raw = load_file(str(path))
-    names = {k.rsplit(".", 1)[0] for k in raw}
-    out = {}
-    for n in names:
-        lat = raw.get(f"{n}.latents")
-        out[n] = ProbeWeights(
-            weight=raw[f"{n}.weight"].astype(np.float32),
-            bias=float(raw[f"{n}.bias"].reshape(-1)[0]),
-            latents=None if lat is None else lat.astype(np.int64),
-        )
-        if out[n].latents is not None and out[n].latents.shape != out[n].weight.shape:  # type: ignore[union-attr]
-            raise BundleError(f"{path}: {n}: latents and weight must have the same length")
-    return out
-
-
-def save_probe_weights(path: Path, probes: Mapping[str, ProbeWeights]) -> None:
-    """Write ``detectors.safetensors``."""
-    from safetensors.numpy import save_file
-
-    tensors: dict[str, np.ndarray] = {}
-    for n, p in probes.items():
-        tensors[f"{n}.weight"] = np.ascontiguousarray(p.weight, dtype=np.float32)
-        tensors[f"{n}.bias"] = np.array([p.bias], dtype=np.float32)
-        if p.latents is not None:
-            tensors[f"{n}.latents"] = np.ascontiguousarray(p.latents, dtype=np.int64)
-    save_file(tensors, str(path))

@@ -207,6 +207,7 @@ class DriftMonitor:
         self.config = config or DriftConfig()
         self.metrics: dict[str, MetricDrift] = {}
         self.events = 0
+        self.bundle = ""  # identity of the detector bundle whose verdicts the detector metrics hold
         self._lock = threading.Lock()
 
     def update(self, values: Mapping[str, float]) -> list[str]:
@@ -235,6 +236,14 @@ class DriftMonitor:
             d = self.metrics[name].detector
             return d.direction if d else ""
 
+    def forget(self, prefix: str) -> int:
+        """Drop every metric whose name starts with ``prefix`` (they restart from live traffic)."""
+        with self._lock:
+            names = [n for n in self.metrics if n.startswith(prefix)]
+            for n in names:
+                del self.metrics[n]
+        return len(names)
+
     def set_reference(self, samples: Mapping[str, Iterable[float]]) -> None:
         """Install a baseline: a reference sample per metric."""
         with self._lock:
@@ -252,6 +261,7 @@ class DriftMonitor:
         doc = {
             "version": STATE_VERSION,
             "events": events,
+            "bundle": self.bundle,
             "metrics": {n: m.state() for n, m in copies.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +282,7 @@ class DriftMonitor:
             raise ValueError(f"drift state {path}: version: expected {STATE_VERSION}, got {doc.get('version')!r}")
         mon = cls(config)
         mon.events = int(doc.get("events", 0))
+        mon.bundle = str(doc.get("bundle", ""))
         for name, s in doc["metrics"].items():
             mon.metrics[name] = MetricDrift.from_state(name, mon.config, s)
         return mon

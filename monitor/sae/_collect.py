@@ -24,12 +24,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from monitor.hook_points import layer_of
-from monitor.sae._config import SAEError
+from monitor.sae._config import DEFAULT_CORPUS, SAEError
 
 log = logging.getLogger("monitor.sae")
 
 MANIFEST = "manifest.json"
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "data" / "chat_corpus" / "conversations.jsonl.gz"
 
 
 class _StopForward(Exception):

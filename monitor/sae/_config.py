@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from monitor.errors import MonitorError
 
 ARCHITECTURES = ("relu", "jumprelu", "topk")
+# Conversations ``monitor collect`` reads by default (here, not in ``_collect``: the CLI needs it without torch).
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "data" / "chat_corpus" / "conversations.jsonl.gz"
 NORMALISATIONS = ("none", "expected_average_only_in")
 DTYPES = ("float32", "float16", "bfloat16")
 

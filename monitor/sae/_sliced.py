@@ -18,6 +18,7 @@ import torch
 
 from monitor.sae._base import SAE
 from monitor.sae._config import SAEError
+from monitor.sae._files import slice_encoder
 
 
 class SlicedEncoder(torch.nn.Module):
@@ -50,16 +51,16 @@ class SlicedEncoder(torch.nn.Module):
         self.architecture = sae.cfg.architecture
         self.full_encode_required = self.architecture == "topk"
         self._sae = sae if self.full_encode_required else None
-        idx = torch.tensor(ids)
-        scale = sae.input_scale
-        b_dec = sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
-        # Fold the input scale and b_dec into one matrix and one bias: pre = x @ W + b.
-        w = sae.W_enc.detach()[:, idx] * scale
-        self.register_buffer("W", w.contiguous())
-        self.register_buffer("b", (sae.b_enc.detach()[idx] - b_dec @ sae.W_enc.detach()[:, idx]).contiguous())
-        thr = sae.state()["threshold"][idx] if self.architecture == "jumprelu" else torch.zeros(len(ids))
-        self.register_buffer("threshold", thr.contiguous())
-        self.register_buffer("idx", idx)
+        self.register_buffer("idx", torch.tensor(ids))
+        if self.full_encode_required:
+            for name in ("W", "b", "threshold"):
+                self.register_buffer(name, torch.zeros(0))
+            return
+        # The same slice the server uses (numpy): input scale and b_dec folded into pre = x @ W + b.
+        sl = slice_encoder(sae.cfg, {k: v.float().numpy() for k, v in sae.state().items()}, ids)
+        self.register_buffer("W", torch.from_numpy(sl.W))
+        self.register_buffer("b", torch.from_numpy(sl.b))
+        self.register_buffer("threshold", torch.from_numpy(sl.threshold))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations of the chosen latents ``[n, k]`` (what projected-mode clients send)."""

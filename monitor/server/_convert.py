@@ -145,9 +145,7 @@ def catalog(bundle: Bundle, limits: Limits, detectors: DetectorSet) -> pb.Detect
     dtypes = [pb.DType.Name(int(d)) for d in DType]
     infos = []
     for s in detectors.specs:
-        proj = detectors.projection(s.hook_point)
-        run = next(d for d in detectors.runtime if d.spec.name == s.name)
-        lat = [int(proj.latent_ids[c]) for c in run.cols[: run.n_latent_cols]] if proj is not None else []
+        lat = [int(i) for i in detectors.detector(s.name).latent_ids]
         infos.append(
             pb.DetectorInfo(
                 name=s.name,

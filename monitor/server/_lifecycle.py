@@ -25,7 +25,7 @@ from monitor.detectors import Bundle
 from monitor.drift import DriftConfig, DriftMonitor
 from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import Limits, Pipeline
+from monitor.pipeline import DETECTOR_PREFIX, Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
 from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
 from monitor.server._tls import TlsFiles, metrics_tls_kwargs, reload_metrics_context, server_credentials
@@ -45,12 +45,10 @@ class SidecarServer:
     def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
         self.config = config
         self.bundle = bundle if bundle is not None else Bundle.load(config.bundle)
-        self.drift = load_drift(config)
+        self.drift = load_drift(config, self.bundle.identity)
         self.metrics = MonitorMetrics(drift=self.drift)
         self.pipeline = Pipeline(
-            self.bundle,
-            Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens),
-            drift=self.drift,
+            self.bundle, Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens)
         )
         self._saver: asyncio.Task[None] | None = None
         self.critique: CritiqueService | None = None
@@ -104,7 +102,14 @@ class SidecarServer:
             max_stream_chunks=cfg.max_stream_chunks,
         )
         servicer = SafetyMonitorServicer(
-            self.pipeline, self.metrics, self._executor, admission, self.audit, self.critique, self.debate
+            self.pipeline,
+            self.metrics,
+            self._executor,
+            admission,
+            self.audit,
+            self.critique,
+            self.debate,
+            drift=self.drift,
         )
         add_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
@@ -162,7 +167,7 @@ class SidecarServer:
         self._executor.shutdown(wait=True)
         if self.critique is not None:
             await self.critique.stop()
-            await self.critique.critic.backend.aclose()  # type: ignore[attr-defined]
+            await self.critique.critic.backend.aclose()
             self.critique = None
         if self.debate is not None:
             await self.debate.stop()
@@ -244,24 +249,37 @@ class SidecarServer:
             await self._server.wait_for_termination()
 
 
-def load_drift(config: ServerConfig) -> DriftMonitor:
-    """The drift engine: the saved state if there is one, else the baseline file, else empty."""
+def load_drift(config: ServerConfig, bundle_identity: str = "") -> DriftMonitor:
+    """The drift engine: the saved state if there is one, else the baseline file, else empty.
+
+    Detector statistics belong to one bundle: a state saved under another bundle keeps its text
+    statistics but starts fresh detector references (the old ones would raise false alarms).
+    """
     dcfg = DriftConfig(reference_size=config.drift_reference_events, window_size=config.drift_window_events)
+    mon = DriftMonitor(dcfg)
     if config.drift_state and Path(config.drift_state).is_file():
         try:
             mon = DriftMonitor.load(config.drift_state, dcfg)
         except ValueError as exc:
             raise ConfigError(f"drift_state: {exc}") from exc
         log.info("drift: restored state from %s (%d events seen)", config.drift_state, mon.events)
-        return mon
-    if config.drift_baseline:
+    elif config.drift_baseline:
         try:
-            base = DriftMonitor.load(config.drift_baseline, dcfg)
+            mon = DriftMonitor.load(config.drift_baseline, dcfg)
         except ValueError as exc:
             raise ConfigError(f"drift_baseline: {exc}") from exc
-        log.info("drift: reference from baseline %s (%d metrics)", config.drift_baseline, len(base.metrics))
-        return base
-    return DriftMonitor(dcfg)
+        log.info("drift: reference from baseline %s (%d metrics)", config.drift_baseline, len(mon.metrics))
+    if mon.bundle != bundle_identity:
+        dropped = mon.forget(DETECTOR_PREFIX)
+        if dropped:
+            log.info(
+                "drift: bundle changed (%s -> %s): %d detector statistics start fresh",
+                mon.bundle or "none",
+                bundle_identity,
+                dropped,
+            )
+        mon.bundle = bundle_identity
+    return mon
 
 
 def limit_blas_threads(threads: int) -> None:

@@ -25,9 +25,10 @@ from monitor.audit import AuditLog, AuditUnavailable
 from monitor.critique import CritiqueEvent, CritiqueService
 from monitor.debate import DebateEvent, DebateService
 from monitor.detectors import DetectorResult
+from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
+from monitor.pipeline import ChunkInput, Pipeline, ScoreInput, ScoreResult, StreamScorer, StreamVerdict, observe_drift
 from monitor.server import _convert
 from monitor.server._decode import Undecodable, parser, require_message
 from monitor.server._ratelog import RateLimitedLog
@@ -84,8 +85,10 @@ class SafetyMonitorServicer:
         audit: AuditLog | None = None,
         critique: CritiqueService | None = None,
         debate: DebateService | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._drift = drift
         self._metrics = metrics
         self._audit = audit
         self._critique = critique
@@ -102,7 +105,7 @@ class SafetyMonitorServicer:
         """Unary: one finished generation."""
         async with self._rpc("Score", context):
             req = require_message(request)
-            result = await self._run(self._pipeline.score, _convert.score_input(req))
+            result = await self._run(self._score, _convert.score_input(req))
             if self._audit is not None:
                 await _durable(self._audit.record("Score", result))
             self._metrics.record_score("Score", result)
@@ -117,7 +120,7 @@ class SafetyMonitorServicer:
             scorer = self._pipeline.open_stream()
             async for item in self._items(request_iterator, "ScoreStream"):
                 chunk = require_message(item)
-                verdict = await self._run(scorer.update, _convert.chunk_input(chunk))
+                verdict = await self._run(self._update, scorer, _convert.chunk_input(chunk))
                 if verdict.final and self._audit is not None:
                     await _durable(self._audit.record("ScoreStream", verdict))
                 self._metrics.record_chunk(verdict)
@@ -188,7 +191,7 @@ class SafetyMonitorServicer:
         self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
     ) -> None:
         start_index = summary.received
-        outcomes = await self._run(_score_all, self._pipeline, batch)
+        outcomes = await self._run(self._score_all, batch)
         pending: list[Future[None]] = []
         for outcome in outcomes:
             if self._audit is not None and isinstance(outcome, ScoreResult):
@@ -211,6 +214,27 @@ class SafetyMonitorServicer:
                 self._metrics.record_score("Ingest", outcome)
                 assert isinstance(item, ScoreInput)
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
+
+    # Drift is recorded here, after scoring, for every generation the server acknowledges.
+    def _score(self, item: ScoreInput) -> ScoreResult:
+        result = self._pipeline.score(item)
+        return observe_drift(self._drift, result) if self._drift is not None else result
+
+    def _update(self, scorer: StreamScorer, chunk: ChunkInput) -> StreamVerdict:
+        verdict = scorer.update(chunk)
+        return observe_drift(self._drift, verdict) if self._drift is not None else verdict
+
+    def _score_all(self, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
+        out: list[ScoreResult | InvalidInput] = []
+        for item in batch:
+            if isinstance(item, InvalidInput):
+                out.append(item)
+                continue
+            try:
+                out.append(self._score(item))
+            except InvalidInput as exc:
+                out.append(exc)
+        return out
 
     def _offer(
         self, request_id: str, prompt: str, output: str, flagged: bool, detectors: tuple[DetectorResult, ...] = ()
@@ -282,19 +306,6 @@ class SafetyMonitorServicer:
 
 async def _durable(fut: Future[None]) -> None:
     await asyncio.wrap_future(fut)
-
-
-def _score_all(pipeline: Pipeline, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
-    out: list[ScoreResult | InvalidInput] = []
-    for item in batch:
-        if isinstance(item, InvalidInput):
-            out.append(item)
-            continue
-        try:
-            out.append(pipeline.score(item))
-        except InvalidInput as exc:
-            out.append(exc)
-    return out
 
 
 def _ended_code(context: grpc.aio.ServicerContext, default: str) -> str:

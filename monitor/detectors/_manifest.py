@@ -1,0 +1,151 @@
+"""The detectors' manifest schema and weight files: what ``bundle.yaml`` and ``detectors.safetensors`` hold.
+
+``DetectorSpec`` is one ``detectors:`` entry of the manifest; ``ProbeWeights`` one fitted probe as
+stored. Fitting writes these, ``DetectorSet`` (``_scoring``) turns them into run-time maths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.detectors._bundle import BundleError
+
+KINDS = ("sae_probe", "linear_probe", "ensemble")
+AGGREGATIONS = ("mean", "max")
+WEIGHTS_FILE = "detectors.safetensors"
+FEATURES_FILE = "detectors.features.json"
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One ``detectors:`` entry of ``bundle.yaml`` (weights live in ``detectors.safetensors``).
+
+    threshold: score at or above which the detector fires (set at ``target_fpr`` on held-out negatives).
+    calibration: ``(slope, intercept)`` of the Platt map score -> probability.
+    members: for an ensemble, ``{member name: coefficient}``; its ``bias`` is the stack's intercept.
+    """
+
+    name: str
+    behaviour: str
+    kind: str
+    hook_point: str
+    aggregation: str
+    threshold: float
+    target_fpr: float
+    calibration: tuple[float, float]
+    critical: bool = False
+    members: Mapping[str, float] = field(default_factory=dict)
+    bias: float = 0.0
+    ema_halflife_tokens: float = 16.0
+    halt_min_tokens: int = 8
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> DetectorSpec:
+        """Parse one manifest entry; errors name the entry and the field."""
+        try:
+            spec = cls(
+                name=str(d["name"]),
+                behaviour=str(d["behaviour"]),
+                kind=str(d["kind"]),
+                hook_point=str(d["hook_point"]),
+                aggregation=str(d.get("aggregation", "mean")),
+                threshold=float(d["threshold"]),
+                target_fpr=float(d.get("target_fpr", 0.01)),
+                calibration=(float(d["calibration"]["slope"]), float(d["calibration"]["intercept"])),
+                critical=bool(d.get("critical", False)),
+                members={str(k): float(v) for k, v in (d.get("members") or {}).items()},
+                bias=float(d.get("bias", 0.0)),
+                ema_halflife_tokens=float(d.get("ema_halflife_tokens", 16.0)),
+                halt_min_tokens=int(d.get("halt_min_tokens", 8)),
+                metrics=dict(d.get("metrics") or {}),
+                provenance=dict(d.get("provenance") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
+        if spec.kind not in KINDS:
+            raise BundleError(f"{where}.kind: expected one of {list(KINDS)}, got {spec.kind!r}")
+        if spec.aggregation not in AGGREGATIONS:
+            raise BundleError(f"{where}.aggregation: expected one of {list(AGGREGATIONS)}, got {spec.aggregation!r}")
+        if spec.kind == "ensemble" and not spec.members:
+            raise BundleError(f"{where}.members: expected at least one member for an ensemble, got none")
+        if spec.ema_halflife_tokens <= 0:
+            raise BundleError(f"{where}.ema_halflife_tokens: expected > 0, got {spec.ema_halflife_tokens}")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest entry (inverse of ``from_dict``)."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "behaviour": self.behaviour,
+            "kind": self.kind,
+            "hook_point": self.hook_point,
+            "aggregation": self.aggregation,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "calibration": {"slope": self.calibration[0], "intercept": self.calibration[1]},
+            "critical": self.critical,
+            "ema_halflife_tokens": self.ema_halflife_tokens,
+            "halt_min_tokens": self.halt_min_tokens,
+        }
+        if self.kind == "ensemble":
+            d["members"] = dict(self.members)
+            d["bias"] = self.bias
+        d["metrics"] = dict(self.metrics)
+        d["provenance"] = dict(self.provenance)
+        return d
+
+    def probability(self, score: float) -> float:
+        """Calibrated probability of the behaviour for an aggregated score."""
+        z = self.calibration[0] * score + self.calibration[1]
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+@dataclass(frozen=True)
+class ProbeWeights:
+    """A fitted probe on raw inputs: SAE latents (``latents`` set) or the raw residual (``latents`` None)."""
+
+    weight: np.ndarray
+    bias: float
+    latents: np.ndarray | None = None
+
+
+def load_probe_weights(path: Path) -> dict[str, ProbeWeights]:
+    """Read ``detectors.safetensors`` (keys ``<name>.weight``, ``<name>.bias``, ``<name>.latents``)."""
+    if not path.is_file():
+        raise BundleError(f"bundle: expected detector weights at {path}, found nothing")
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(path))
+    names = {k.rsplit(".", 1)[0] for k in raw}
+    out = {}
+    for n in names:
+        lat = raw.get(f"{n}.latents")
+        out[n] = ProbeWeights(
+            weight=raw[f"{n}.weight"].astype(np.float32),
+            bias=float(raw[f"{n}.bias"].reshape(-1)[0]),
+            latents=None if lat is None else lat.astype(np.int64),
+        )
+        if out[n].latents is not None and out[n].latents.shape != out[n].weight.shape:  # type: ignore[union-attr]
+            raise BundleError(f"{path}: {n}: latents and weight must have the same length")
+    return out
+
+
+def save_probe_weights(path: Path, probes: Mapping[str, ProbeWeights]) -> None:
+    """Write ``detectors.safetensors``."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for n, p in probes.items():
+        tensors[f"{n}.weight"] = np.ascontiguousarray(p.weight, dtype=np.float32)
+        tensors[f"{n}.bias"] = np.array([p.bias], dtype=np.float32)
+        if p.latents is not None:
+            tensors[f"{n}.latents"] = np.ascontiguousarray(p.latents, dtype=np.int64)
+    save_file(tensors, str(path))
