@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from river import drift as river_drift
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 from scipy.stats import ks_2samp, wasserstein_distance
 
 from monitor.drift import DriftConfig, DriftMonitor, MetricDrift, js_distance, ks_statistic, psi, wasserstein
-from monitor.drift._distance import EPS, quantile_edges, shares
+from monitor.drift._change import PageHinkley
+from monitor.drift._distance import EPS, BinnedReference, quantile_edges, shares
 
 ABRUPT_DELAY_BOUND = 30  # events after a 150 -> 400 token jump
 RAMP_DELAY_BOUND = 600  # events into a 2000-event ramp from 150 to 400 tokens
@@ -35,6 +37,36 @@ def test_distances_match_scipy(seed: int) -> None:
     assert js_distance(a, b) == pytest.approx(float(jensenshannon(p, q, base=2)), rel=1e-9)
     # the bins really are reference deciles
     assert np.allclose(p, 0.1, atol=0.002)
+    # the cached reference a scrape uses gives the same four numbers
+    cached = BinnedReference.of(a).distances(b)
+    assert cached == pytest.approx((psi(a, b), ks_statistic(a, b), js_distance(a, b), wasserstein(a, b)), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_page_hinkley_matches_river_up_to_its_first_detection(seed: int) -> None:
+    """river's PageHinkley (alpha=1: no fading) finds the same first change, at the same event.
+
+    Ours is kept hand-written because its state is plain JSON (persisted with the drift state) and
+    it says which way the mean moved; after a detection river restarts on the next value and ours
+    restarts at the detecting value, so only the first detection is compared.
+    """
+    rng = np.random.default_rng(seed)
+    shift = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0))
+    xs = np.concatenate([rng.normal(size=int(rng.integers(100, 400))), rng.normal(shift, 1.0, size=600)])
+    ours = PageHinkley(delta=0.5, threshold=20.0, min_instances=30)
+    theirs = river_drift.PageHinkley(min_instances=30, delta=0.5, threshold=20.0, alpha=1.0, mode="both")
+    ours_at = theirs_at = None
+    for i, x in enumerate(xs):
+        ours.update(float(x))
+        theirs.update(float(x))
+        if ours_at is None and ours.drift_detected:
+            ours_at = i
+        if theirs_at is None and theirs.drift_detected:
+            theirs_at = i
+        if ours_at is not None and theirs_at is not None:
+            break
+    assert ours_at is not None and ours_at == theirs_at
+    assert ours.direction == ("up" if shift > 0 else "down")
 
 
 def test_length_shift_150_to_400_is_detected_quickly(capsys: pytest.CaptureFixture[str]) -> None:
