@@ -163,3 +163,28 @@ def test_topk_slice_runs_the_full_encode(tmp_path: Path) -> None:
     assert torch.equal(sliced.encode(x), sae.encode(x)[:, [1, 2, 3]])
     with pytest.raises(SAEError, match="topk"):
         sliced.export_onnx(tmp_path / "x.onnx")
+
+
+SAELENS_FILES = Path(__file__).resolve().parents[1] / "data" / "saelens"
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_files_written_by_the_real_saelens_encode_as_saelens_does(arch: str) -> None:
+    """Folders written by sae-lens 6 itself (scripts/saelens_fixtures.py), with its own encode of x."""
+    from safetensors.numpy import load_file as np_load_file
+
+    from monitor.sae import read, slice_encoder
+
+    folder = SAELENS_FILES / arch
+    check = np_load_file(str(folder / "check.safetensors"))
+    sae = load(folder)
+    assert (sae.cfg.hook_point, sae.cfg.model_id) == ("blocks.3.hook_resid_post", "tiny-model")  # from metadata
+    assert sae.cfg.architecture == {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[arch]
+    assert sae.cfg.apply_b_dec_to_input == (arch != "jumprelu")
+    got = sae.encode(torch.from_numpy(check["x"])).numpy()
+    assert (got > 0).sum() == (check["latents"] > 0).sum() > 0
+    assert np.allclose(got, check["latents"], atol=1e-5)
+    if arch != "topk":  # what serving uses: the numpy slice of the same files
+        cfg, state = read(folder)
+        ids = [1, 5, 9, 15]
+        assert np.allclose(slice_encoder(cfg, state, ids).encode(check["x"]), check["latents"][:, ids], atol=1e-5)
