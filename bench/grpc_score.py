@@ -33,6 +33,9 @@ def main() -> None:
     ns = parser.parse_args()
     x = np.random.default_rng(0).normal(size=(ns.tokens, 576)).astype(np.float32)
     sidecar = BackgroundSidecar(ServerConfig(port=0, metrics_port=0))
+    bundle, proj = sidecar.server.bundle, sidecar.server.pipeline.detectors.projection(HOOK)
+    columns = f"{proj.width} projection columns ({proj.n_latents} latents)" if proj is not None else "no detectors"
+    print(f"bundle {bundle.name} {bundle.version} ({bundle.identity}): {columns}")
     try:
         with MonitorClient(sidecar.target, queue_size=ns.n * 2) as client:
             print(f"Score, {ns.tokens} tokens x d_model 576, n={ns.n} (ms)")

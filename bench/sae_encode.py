@@ -42,6 +42,19 @@ def random_sae(d_in: int, d_sae: int, arch: str = "relu") -> SAE:
     return SAE.from_state(SAEConfig(d_in, d_sae, architecture=arch, k=64 if arch == "topk" else None), state)
 
 
+def shipped_bundle_columns() -> str:
+    """What the shipped bundle really slices, printed beside the figures so a stale one shows."""
+    from monitor.detectors import Bundle, DetectorSet
+
+    bundle = Bundle.load()
+    ds = DetectorSet.from_bundle(bundle)
+    parts = [
+        f"{hp}: {p.width} columns ({p.n_latents} latents + {p.width - p.n_latents} dense)"
+        for hp, p in ds.projections.items()
+    ]
+    return f"shipped bundle {bundle.name} {bundle.version} ({bundle.identity}): " + "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per encode call")
@@ -52,6 +65,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ns.tokens} tokens per call, "
         f"{ns.latents} latents used; median of {ns.repeats} (ms)"
     )
+    print(shipped_bundle_columns())
     print(
         f"{'d_model':>7} {'d_sae':>6} {'arch':>5} {'full':>9} {'sliced':>8} {'onnx':>8} {'full/sliced':>12} "
         f"{'full/onnx':>10}"
