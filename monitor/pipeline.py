@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from monitor.detectors import Bundle, DetectorResult, DetectorSet, HookPoint
+from monitor.detectors import Bundle, DetectorResult, DetectorSet, HookPoint, RunningScores
 from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.hook_points import HookStats
@@ -76,6 +76,7 @@ class ScoreInput:
     output: str = ""
     activations: Sequence[ActivationInput] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    decision: Sequence[ActivationInput] = ()  # [1, width] at the last prompt-template token, per hook point
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class ChunkInput:
     activations: Sequence[ActivationInput] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     final: bool = False
+    decision: Sequence[ActivationInput] = ()  # at most once per stream per hook point
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ class Pipeline:
             if feats is not None:
                 running.update(hp.name, feats)
             nbytes += len(block.tensor.data)
+        nbytes += self._fold_decision(req.decision, running, set())
         results = _finite_results(running.results())
         stats = text_statistics(req.prompt, req.output)
         return ScoreResult(
@@ -249,6 +252,33 @@ class Pipeline:
     def open_stream(self) -> StreamScorer:
         """State for one ScoreStream call; feed it chunks with ``update``."""
         return StreamScorer(self)
+
+    def _fold_decision(self, blocks: Sequence[ActivationInput], running: RunningScores, seen: set[str]) -> int:
+        """Validate the decision-position blocks (one row each, each hook point once) and score them."""
+        nbytes = 0
+        for i, block in enumerate(blocks):
+            field_name = f"decision[{i}]"
+            hp, arr = self.decode_block(block, field_name, 1 << 30)
+            if arr.shape[0] != 1:
+                raise InvalidInput(
+                    f"{field_name}.activations.shape[0] (tokens)",
+                    "exactly 1 (the last prompt-template token)",
+                    str(arr.shape[0]),
+                    reason="decision",
+                )
+            if hp.name in seen:
+                raise InvalidInput(
+                    f"{field_name}.hook_point",
+                    "each hook point at most once per request or stream",
+                    f"{hp.name!r} repeated",
+                    reason="hook_point",
+                )
+            seen.add(hp.name)
+            feats = self.detectors.features(hp.name, arr, block.projected)
+            if feats is not None:
+                running.update_decision(hp.name, feats)
+            nbytes += len(block.tensor.data)
+        return nbytes
 
     def decode_block(self, block: ActivationInput, field_name: str, max_tokens: int) -> tuple[HookPoint, np.ndarray]:
         """Check one block against the bundle and the limits, then decode it; errors name ``field_name``."""
@@ -322,6 +352,7 @@ class StreamScorer:
         self._output_chars = 0
         self._accs: dict[str, _HookAccumulator] = {}
         self._running = pipeline.detectors.open_running()
+        self._decision_seen: set[str] = set()
         self.halted = ""
 
     @property
@@ -376,6 +407,7 @@ class StreamScorer:
                 self._running.update(hp.name, feats)
             new_tokens[hp.name] = int(arr.shape[0])
             nbytes += len(block.tensor.data)
+        nbytes += self._p._fold_decision(chunk.decision, self._running, self._decision_seen)
         self._output_parts.append(chunk.text_delta)
         self.tokens_seen += max(new_tokens.values(), default=0)
         index = self.chunks

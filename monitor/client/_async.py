@@ -205,10 +205,12 @@ class AsyncScoreStream(_StreamChunks):
         *,
         final: bool = False,
         projected: bool = False,
+        decision: Mapping[str, Any] | None = None,
     ) -> ChunkVerdict:
         """Send the new tokens' activations (hook point -> [new_tokens, d_model], or [new_tokens, K]
-        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict."""
-        msg = self._next_chunk(activations, text_delta, final, projected)
+        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict.
+        ``decision``: hook point -> [1, width] at the last prompt-template token (once per stream)."""
+        msg = self._next_chunk(activations, text_delta, final, projected, decision)
         try:
             await self._call.write(msg)
             resp = await self._call.read()

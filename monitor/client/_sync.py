@@ -284,7 +284,12 @@ class _StreamChunks:
         self._closed = False
 
     def _next_chunk(
-        self, activations: Mapping[str, Any] | None, text_delta: str, final: bool, projected: bool = False
+        self,
+        activations: Mapping[str, Any] | None,
+        text_delta: str,
+        final: bool,
+        projected: bool = False,
+        decision: Mapping[str, Any] | None = None,
     ) -> pb.ScoreChunk:
         if self._closed:
             raise ClientError("stream: already closed", "FAILED_PRECONDITION")
@@ -298,6 +303,7 @@ class _StreamChunks:
             activations=activations or {},
             final=final,
             projected=projected,
+            decision=decision,
         )
         self._sent += 1
         return msg
@@ -325,10 +331,12 @@ class ScoreStream(_StreamChunks):
         *,
         final: bool = False,
         projected: bool = False,
+        decision: Mapping[str, Any] | None = None,
     ) -> ChunkVerdict:
         """Send the new tokens' activations (hook point -> [new_tokens, d_model], or [new_tokens, K]
-        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict."""
-        self._chunks.put(self._next_chunk(activations, text_delta, final, projected))
+        pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict.
+        ``decision``: hook point -> [1, width] at the last prompt-template token (once per stream)."""
+        self._chunks.put(self._next_chunk(activations, text_delta, final, projected, decision))
         try:
             verdict = _wire.chunk_verdict(next(self._responses))
         except grpc.RpcError as exc:

@@ -1,8 +1,9 @@
 """Monitor a transformers causal LM's ``generate()`` with the sidecar, in a few lines.
 
 Forward hooks capture the residual stream at the bundle's hook points for every generated token
-(decode steps; the prompt's prefill is not monitored, as the detectors were fitted on response
-tokens). Chunks of ``chunk_tokens`` rows go to the sidecar's ``ScoreStream`` from a background
+(decode steps), and from the prompt's prefill only the last position, the *decision position*
+(last prompt-template token) that prompt detectors such as harmfulness read; it travels in the
+first chunk's ``decision`` field. Chunks of ``chunk_tokens`` rows go to the sidecar's ``ScoreStream`` from a background
 thread, so generation never waits for the network. A stopping criterion reads the latest
 verdict and ends generation when the sidecar advises HALT (at most one chunk late).
 
@@ -34,6 +35,7 @@ class _Chunk:
     text: str = ""
     final: bool = False
     projected: bool = False
+    decision: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,7 +85,9 @@ class _Session:
                     item = self._queue.get()
                     if item is _END:
                         break
-                    verdict = stream.send(item.activations, item.text, final=item.final, projected=item.projected)
+                    verdict = stream.send(
+                        item.activations, item.text, final=item.final, projected=item.projected, decision=item.decision
+                    )
                     self.last = verdict
                     if verdict.halt and not self.halt.is_set():
                         self.reason = verdict.reason
@@ -159,6 +163,7 @@ class GenerationMonitor:
         session = _Session(self.client, request_id, self.model_id, prompt, dict(labels or {}))
         pending: dict[str, list[Any]] = {hp: [] for hp in self.hook_points}
         calls = {hp: 0 for hp in self.hook_points}
+        decision: dict[str, Any] = {}  # sent once, with the first chunk
 
         def flush(final: bool, text: str = "") -> None:
             acts: dict[str, Any] = {}
@@ -167,17 +172,19 @@ class GenerationMonitor:
                     acts[hp] = torch.cat(rows)
                     rows.clear()
             if acts or final:
-                session.put(_Chunk(acts, text, final, projected=bool(self.encoder_slices)))
+                session.put(_Chunk(acts, text, final, projected=bool(self.encoder_slices), decision=dict(decision)))
+                decision.clear()
 
         def make_hook(hp: str) -> Any:
             sl = self.encoder_slices.get(hp)
 
             def hook(module: Any, inputs: Any, output: Any) -> None:
                 calls[hp] += 1
-                if calls[hp] == 1:
-                    return  # prefill: prompt positions are not monitored
                 hidden = (output[0] if isinstance(output, tuple) else output)[0, -1:, :].detach()
                 row = sl.project(hidden) if sl is not None else hidden
+                if calls[hp] == 1:  # prefill: only the decision position is monitored
+                    decision[hp] = row.float().cpu()
+                    return
                 pending[hp].append(row.float().cpu())
                 if hp == self.hook_points[0] and len(pending[hp]) >= self.chunk_tokens:
                     flush(final=False)

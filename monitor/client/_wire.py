@@ -49,6 +49,7 @@ def request(gen: Generation) -> pb.ScoreRequest:
         output=gen.output,
         activations=blocks(gen.activations, gen.projected),
         labels=dict(gen.labels),
+        decision=blocks(gen.decision, gen.projected),
     )
 
 
@@ -176,9 +177,14 @@ def chunk(
     activations: Mapping[str, Any],
     final: bool,
     projected: bool = False,
+    decision: Mapping[str, Any] | None = None,
 ) -> pb.ScoreChunk:
     msg = pb.ScoreChunk(
-        request_id=request_id, text_delta=text_delta, activations=blocks(activations, projected), final=final
+        request_id=request_id,
+        text_delta=text_delta,
+        activations=blocks(activations, projected),
+        final=final,
+        decision=blocks(decision or {}, projected),
     )
     if first:
         msg.model = model

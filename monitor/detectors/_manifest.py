@@ -16,7 +16,8 @@ import numpy as np
 
 from monitor.detectors._bundle import BundleError
 
-KINDS = ("sae_probe", "linear_probe", "ensemble")
+KINDS = ("sae_probe", "linear_probe", "ensemble", "conjunction")
+POSITIONS = ("response", "decision")
 AGGREGATIONS = ("mean", "max")
 WEIGHTS_FILE = "detectors.safetensors"
 FEATURES_FILE = "detectors.features.json"
@@ -29,6 +30,10 @@ class DetectorSpec:
     threshold: score at or above which the detector fires (set at ``target_fpr`` on held-out negatives).
     calibration: ``(slope, intercept)`` of the Platt map score -> probability.
     members: for an ensemble, ``{member name: coefficient}``; its ``bias`` is the stack's intercept.
+        For a conjunction, ``{member name: +1 or -1}``: its score is the product of the members'
+        calibrated probabilities, ``p`` for +1 and ``1 - p`` for -1 (e.g. harmful request AND no refusal).
+    position: ``response`` (pool the response tokens) or ``decision`` (read the one row at the last
+        prompt-template token, which requests carry in their ``decision`` field).
     """
 
     name: str
@@ -46,6 +51,7 @@ class DetectorSpec:
     halt_min_tokens: int = 8
     metrics: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    position: str = "response"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> DetectorSpec:
@@ -67,6 +73,7 @@ class DetectorSpec:
                 halt_min_tokens=int(d.get("halt_min_tokens", 8)),
                 metrics=dict(d.get("metrics") or {}),
                 provenance=dict(d.get("provenance") or {}),
+                position=str(d.get("position", "response")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
@@ -74,7 +81,11 @@ class DetectorSpec:
             raise BundleError(f"{where}.kind: expected one of {list(KINDS)}, got {spec.kind!r}")
         if spec.aggregation not in AGGREGATIONS:
             raise BundleError(f"{where}.aggregation: expected one of {list(AGGREGATIONS)}, got {spec.aggregation!r}")
-        if spec.kind == "ensemble" and not spec.members:
+        if spec.position not in POSITIONS:
+            raise BundleError(f"{where}.position: expected one of {list(POSITIONS)}, got {spec.position!r}")
+        if spec.kind == "conjunction" and any(v not in (1.0, -1.0) for v in spec.members.values()):
+            raise BundleError(f"{where}.members: a conjunction's members take +1 or -1, got {dict(spec.members)}")
+        if spec.kind in ("ensemble", "conjunction") and not spec.members:
             raise BundleError(f"{where}.members: expected at least one member for an ensemble, got none")
         if spec.ema_halflife_tokens <= 0:
             raise BundleError(f"{where}.ema_halflife_tokens: expected > 0, got {spec.ema_halflife_tokens}")
@@ -95,15 +106,21 @@ class DetectorSpec:
             "ema_halflife_tokens": self.ema_halflife_tokens,
             "halt_min_tokens": self.halt_min_tokens,
         }
+        if self.position != "response":
+            d["position"] = self.position
         if self.kind == "ensemble":
             d["members"] = dict(self.members)
             d["bias"] = self.bias
+        if self.kind == "conjunction":
+            d["members"] = dict(self.members)
         d["metrics"] = dict(self.metrics)
         d["provenance"] = dict(self.provenance)
         return d
 
     def probability(self, score: float) -> float:
-        """Calibrated probability of the behaviour for an aggregated score."""
+        """Calibrated probability of the behaviour for an aggregated score (a conjunction's score is one)."""
+        if self.kind == "conjunction":
+            return score
         z = self.calibration[0] * score + self.calibration[1]
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 

@@ -209,6 +209,11 @@ class RunningScores:
         # per-token EMA weight from each detector's half-life
         self.alpha = np.array([1.0 - 0.5 ** (1.0 / d.spec.ema_halflife_tokens) for d in detectors.runtime])
         self.latent_sums = {hp: np.zeros(p.width) for hp, p in detectors.projections.items()}
+        self.decision: dict[str, np.ndarray] = {}  # hook point -> feature row at the decision position
+
+    def update_decision(self, hook_point: str, feats: np.ndarray) -> None:
+        """Record the ``[1, K]`` feature row of the last prompt-template token at ``hook_point``."""
+        self.decision[hook_point] = np.asarray(feats, dtype=np.float64).reshape(-1)
 
     def update(self, hook_point: str, feats: np.ndarray) -> None:
         """Fold in the feature rows ``[T, K]`` of new tokens at ``hook_point``."""
@@ -217,7 +222,7 @@ class RunningScores:
         self.tokens[hook_point] = self.tokens.get(hook_point, 0) + int(feats.shape[0])
         self.latent_sums[hook_point] += feats.sum(0, dtype=np.float64)
         for i, det in enumerate(self._d.runtime):
-            if det.spec.hook_point != hook_point:
+            if det.spec.hook_point != hook_point or det.spec.position == "decision":
                 continue
             s = det.token_scores(feats)
             self.sum[i] += float(s.sum(dtype=np.float64))
@@ -231,6 +236,12 @@ class RunningScores:
         """Each detector's verdict on the tokens seen so far (detectors with no tokens are left out)."""
         out = []
         for i, det in enumerate(self._d.runtime):
+            if det.spec.position == "decision":
+                row = self.decision.get(det.spec.hook_point)
+                if row is not None:
+                    score = float(row[det.cols] @ det.weight + det.bias)
+                    out.append(det.result(score, score, row, 1, self._d.reports))
+                continue
             n = self.tokens.get(det.spec.hook_point, 0)
             if not n:
                 continue
@@ -238,7 +249,7 @@ class RunningScores:
             means = self.latent_sums[det.spec.hook_point] / n
             recent = self.ema[i] / (1.0 - (1.0 - self.alpha[i]) ** self.count[i])
             out.append(det.result(float(score), float(recent), means, n, self._d.reports))
-        return out
+        return out + self._d._conjunctions(out)
 
 
 class DetectorSet:
@@ -263,9 +274,14 @@ class DetectorSet:
         by_name = {s.name: s for s in self.specs}
         self.projections: dict[str, HookProjection] = {}
         self.runtime: list[LinearDetector] = []
+        self.conjunctions = [s for s in self.specs if s.kind == "conjunction"]
+        for c in self.conjunctions:
+            for m in c.members:
+                if m not in by_name or by_name[m].kind == "conjunction":
+                    raise BundleError(f"detector {c.name}: member {m!r} is not a probe or ensemble of this bundle")
         arrays = _sae_arrays(sae)
         for hp in bundle.hook_points:
-            mine = [s for s in self.specs if s.hook_point == hp.name]
+            mine = [s for s in self.specs if s.hook_point == hp.name and s.kind != "conjunction"]
             if not mine:
                 continue
             latents = sorted(
@@ -328,13 +344,65 @@ class DetectorSet:
             return None
         return proj.features(x if projected else proj.project(x))
 
-    def score(self, hook_point: str, x: np.ndarray, projected: bool = False) -> list[DetectorResult]:
-        """Verdicts of the detectors reading ``hook_point`` on one response's activations."""
+    def score(
+        self, hook_point: str, x: np.ndarray, projected: bool = False, decision: np.ndarray | None = None
+    ) -> list[DetectorResult]:
+        """Verdicts of the detectors reading ``hook_point`` on one response's activations
+        (and, when given, the ``[1, width]`` row of the last prompt-template token)."""
         run = RunningScores(self)
         feats = self.features(hook_point, x, projected)
         if feats is not None:
             run.update(hook_point, feats)
+        if decision is not None:
+            dfeats = self.features(hook_point, decision, projected)
+            if dfeats is not None:
+                run.update_decision(hook_point, dfeats)
         return run.results()
+
+    def _conjunctions(self, results: Sequence[DetectorResult]) -> list[DetectorResult]:
+        """Conjunction verdicts from their members' (reported only when every member reported).
+
+        The running score uses the members' probabilities; the recent score uses each response
+        member's recent score, so a stream can halt on a late turn as with any detector. The top
+        latents are the positive members' (the evidence that the behaviour is there); tokens are
+        the response members' (how much of the answer the verdict rests on).
+        """
+        by_name = {r.name: r for r in results}
+        spec_of = {s.name: s for s in self.specs}
+        out = []
+        for c in self.conjunctions:
+            rs = [by_name.get(m) for m in c.members]
+            if any(r is None for r in rs):
+                continue
+            score = recent = 1.0
+            tokens = 0
+            feats: list[Contribution] = []
+            for (m, sign), r in zip(c.members.items(), rs, strict=True):
+                assert r is not None
+                p, p_recent = r.probability, spec_of[m].probability(r.recent_score)
+                score *= p if sign > 0 else 1.0 - p
+                recent *= p_recent if sign > 0 else 1.0 - p_recent
+                if spec_of[m].position == "response":
+                    tokens = max(tokens, r.tokens)
+                if sign > 0:
+                    feats.extend(r.top_features)
+            out.append(
+                DetectorResult(
+                    name=c.name,
+                    behaviour=c.behaviour,
+                    kind=c.kind,
+                    score=score,
+                    recent_score=recent,
+                    probability=score,
+                    threshold=c.threshold,
+                    fired=score >= c.threshold,
+                    critical=c.critical,
+                    top_features=tuple(sorted(feats, key=lambda f: -f.contribution)[:3]),
+                    tokens=tokens,
+                    halt_min_tokens=c.halt_min_tokens,
+                )
+            )
+        return out
 
     def open_running(self) -> RunningScores:
         """Running state for a stream."""

@@ -41,6 +41,7 @@ def score_input(req: pb.ScoreRequest) -> ScoreInput:
         output=req.output,
         activations=_blocks(req.activations),
         labels=dict(req.labels),
+        decision=_blocks(req.decision),
     )
 
 
@@ -53,6 +54,7 @@ def chunk_input(chunk: pb.ScoreChunk) -> ChunkInput:
         activations=_blocks(chunk.activations),
         labels=dict(chunk.labels),
         final=chunk.final,
+        decision=_blocks(chunk.decision),
     )
 
 
@@ -145,7 +147,7 @@ def catalog(bundle: Bundle, limits: Limits, detectors: DetectorSet) -> pb.Detect
     dtypes = [pb.DType.Name(int(d)) for d in DType]
     infos = []
     for s in detectors.specs:
-        lat = [int(i) for i in detectors.detector(s.name).latent_ids]
+        lat = [int(i) for i in detectors.detector(s.name).latent_ids] if s.kind != "conjunction" else []
         infos.append(
             pb.DetectorInfo(
                 name=s.name,

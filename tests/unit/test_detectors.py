@@ -188,3 +188,86 @@ def test_metrics_agree_with_sklearn() -> None:
     assert recall_at_fpr(np.r_[np.zeros(1000), np.ones(5)], np.r_[ties, np.zeros(5)]) == 0.0
     perfect = recall_at_fpr(np.r_[np.zeros(100), np.ones(10)], np.r_[np.zeros(100), np.ones(10)])
     assert perfect == 1.0
+
+
+def _decision_bundle(folder: Path) -> Bundle:
+    """d.lin reads the response; d.harm reads the decision row; d.comp = d.harm AND NOT d.lin."""
+    entries = [
+        _entry("d.lin", "linear_probe", "mean"),
+        {**_entry("d.harm", "linear_probe", "mean"), "behaviour": "harmfulness", "position": "decision"},
+        {
+            **_entry("d.comp", "conjunction", "mean", members={"d.harm": 1, "d.lin": -1}, critical=True),
+            "behaviour": "harmful_compliance",
+            "threshold": 0.5,
+            "halt_min_tokens": 4,
+        },
+    ]
+    write_bundle(folder, entries)
+    save_probe_weights(
+        folder / "detectors.safetensors",
+        {"d.lin": ProbeWeights(LIN_W, -0.1), "d.harm": ProbeWeights(LIN_W[::-1].copy(), 0.2)},
+    )
+    return Bundle.load(folder)
+
+
+def test_decision_row_feeds_prompt_detectors_and_the_conjunction(tmp_path: Path) -> None:
+    bundle = _decision_bundle(tmp_path)
+    ds = DetectorSet.from_bundle(bundle)
+    x = rng.normal(size=(6, D)).astype(np.float32)
+    dec = rng.normal(size=(1, D)).astype(np.float32) * 3
+    without = {r.name: r for r in ds.score(HOOK, x)}
+    assert set(without) == {"d.lin"}  # no decision row: the prompt detector and the conjunction stay silent
+    got = {r.name: r for r in ds.score(HOOK, x, decision=dec)}
+    harm = float(dec[0] @ LIN_W[::-1] + 0.2)
+    assert got["d.harm"].score == pytest.approx(harm, rel=1e-5)
+    p_harm = 1 / (1 + np.exp(-(2 * harm - 0.5)))
+    p_lin = 1 / (1 + np.exp(-(2 * got["d.lin"].score - 0.5)))
+    assert got["d.comp"].score == pytest.approx(p_harm * (1 - p_lin), rel=1e-5)
+    assert got["d.comp"].tokens == 6 and got["d.comp"].fired == (got["d.comp"].score >= 0.5)
+    # the same through the pipeline, on Score and on a stream (decision row with the first chunk)
+    p = Pipeline(bundle, detectors=ds)
+    r = p.score(
+        ScoreInput(
+            "r",
+            "tiny-model",
+            activations=[ActivationInput(HOOK, encode(x))],
+            decision=[ActivationInput(HOOK, encode(dec))],
+        )
+    )
+    assert {d.name: d.score for d in r.detectors}["d.comp"] == pytest.approx(got["d.comp"].score, rel=1e-6)
+    stream = p.open_stream()
+    stream.update(
+        ChunkInput(
+            "s",
+            "tiny-model",
+            activations=[ActivationInput(HOOK, encode(x[:3]))],
+            decision=[ActivationInput(HOOK, encode(dec))],
+        )
+    )
+    v = stream.update(ChunkInput("s", activations=[ActivationInput(HOOK, encode(x[3:]))], final=True))
+    assert {d.name: d.score for d in v.detectors}["d.comp"] == pytest.approx(got["d.comp"].score, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rows", "field", "expected"),
+    [
+        (2, "decision[0].activations.shape[0] (tokens)", "exactly 1"),
+        (1, "decision[1].hook_point", "at most once"),
+    ],
+)
+def test_bad_decision_rows_are_named(tmp_path: Path, rows: int, field: str, expected: str) -> None:
+    from monitor.errors import InvalidInput
+
+    bundle = _decision_bundle(tmp_path)
+    p = Pipeline(bundle)
+    dec = [ActivationInput(HOOK, encode(np.zeros((rows, D), np.float32)))] * (1 if rows == 2 else 2)
+    with pytest.raises(InvalidInput) as exc:
+        p.score(
+            ScoreInput(
+                "r",
+                "tiny-model",
+                activations=[ActivationInput(HOOK, encode(np.zeros((2, D), np.float32)))],
+                decision=dec,
+            )
+        )
+    assert exc.value.field == field and expected in str(exc.value)
