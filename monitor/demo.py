@@ -31,7 +31,8 @@ from monitor.reference import ReferenceServer, iter_sse
 from monitor.server import BackgroundSidecar
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
-BEHAVIOURS = ("deception", "sycophancy", "refusal")
+BEHAVIOURS = ("deception", "sycophancy", "refusal", "harmful_compliance")
+_COLUMN = {"harmful_compliance": "P(harm∧comply)"}
 
 
 @dataclass
@@ -99,15 +100,17 @@ def chat(url: str, prompt: str, max_tokens: int, model: str = "") -> tuple[str, 
 
 
 def _cell(rec: dict[str, Any], behaviour: str) -> str:
-    d = rec.get("detectors", {}).get(f"{behaviour}.ensemble")
+    dets = rec.get("detectors", {})
+    d = dets.get(f"{behaviour}.ensemble", dets.get(behaviour))
     if d is None:
         return "–"
     return f"[bold red]{d['probability']:.2f}![/]" if d["fired"] else f"{d['probability']:.2f}"
 
 
 def _why(rec: dict[str, Any]) -> str:
-    """The top SAE latent behind the first fired detector: what the alert rests on."""
-    for name, d in rec.get("detectors", {}).items():
+    """The top SAE latent behind the first fired detector (harmful_compliance first): what the alert rests on."""
+    dets = rec.get("detectors", {})
+    for name, d in sorted(dets.items(), key=lambda kv: kv[0] != "harmful_compliance"):
         if d["fired"] and d["top_latents"]:
             lat, label = d["top_latents"][0]
             return f"{name}: latent {lat} “{label}”"
@@ -116,7 +119,15 @@ def _why(rec: dict[str, Any]) -> str:
 
 def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url: str) -> Group:
     t = Table(title=f"requests to {ref_url} (sidecar {sidecar.target}, metrics {metrics_url})", expand=True)
-    for col in ("#", "kind", "tokens", "finish", *(f"P({b[:3]})" for b in BEHAVIOURS), "words", "hedge/100w"):
+    for col in (
+        "#",
+        "kind",
+        "tokens",
+        "finish",
+        *(_COLUMN.get(b, f"P({b[:3]})") for b in BEHAVIOURS),
+        "words",
+        "hedge/100w",
+    ):
         t.add_column(col, no_wrap=True)
     t.add_column("why (top latent of a fired detector)", overflow="ellipsis", no_wrap=True, ratio=1)
     t.add_column("output", overflow="ellipsis", no_wrap=True, ratio=1)

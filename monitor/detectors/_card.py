@@ -10,7 +10,8 @@ from monitor.detectors._evaluate import GOALS
 from monitor.detectors._metrics import SplitMetrics
 from monitor.detectors._scoring import DetectorSet
 
-KIND_ORDER = ("sae_probe", "linear_probe", "ensemble", "phrase_match")
+KIND_ORDER = ("sae_probe", "linear_probe", "ensemble", "conjunction", "naive_baseline", "phrase_match")
+PROBE_KINDS = ("sae_probe", "linear_probe", "ensemble")
 
 INTRO = """\
 # Model card: detectors of the default bundle
@@ -29,10 +30,15 @@ How to read it:
 - **diagnostic:&lt;source&gt;**: scored and shown, but outside what the detector claims to detect
   (see the behaviour's notes); not held to the goals.
 - **R@1%FPR**: recall at the threshold that gives 1 % false positives *on that split's own
-  negatives*. **FPR@thr / recall@thr**: the rates with the bundle's shipped threshold (set at
-  {fpr:.0%} FPR on out-of-fold negatives of the fitting part), i.e. what an operator will see.
+  negatives*. **FPR@thr / recall@thr**: the rates with the bundle's shipped threshold, i.e. what an
+  operator will see. A probe's threshold is calibrated at {fpr:.0%} FPR on the *out-of-fold
+  scores of its fitting part's negatives*; on other sources its FPR is what the FPR@thr column
+  measures (often well above {fpr:.0%}), and on ordinary traffic what the "Ordinary streams"
+  section measures.
 - Goals (issue 4): AUROC ≥ {val:.2f} on validation and ≥ {cross:.2f} across sources; the SAE probe
   within {gap:.2f} of the dense probe; the ensemble at least as good as both.
+
+Provenance: the SAE and every detector were fitted on activations of {weights}.
 """
 
 
@@ -47,8 +53,13 @@ def render_model_card(
     ds = DetectorSet.from_bundle(bundle)
     spec_of = {s.name: s for s in ds.specs}
     fpr = ds.specs[0].target_fpr if ds.specs else 0.01
+    weights = next(
+        (str(s.provenance["weights"]) for s in ds.specs if "weights" in s.provenance),
+        "the weights the detectors were fitted on are not recorded in this bundle",
+    )
     lines = [
         INTRO.format(
+            weights=weights,
             name=bundle.name,
             version=bundle.version,
             model=bundle.model,
@@ -63,6 +74,8 @@ def render_model_card(
     lines.append("| behaviour | split | SAE probe | dense probe | ensemble | goal met? |")
     lines.append("|---|---|---|---|---|---|")
     for beh, per_det in results.items():
+        if not any(f"{beh}.{k}" in per_det for k in PROBE_KINDS):
+            continue
         splits = sorted({sp for m in per_det.values() for sp in m if sp != "sample"})
         for sp in splits:
             a = {k: per_det.get(f"{beh}.{k}", {}).get(sp) for k in ("sae_probe", "linear_probe", "ensemble")}
@@ -74,13 +87,7 @@ def render_model_card(
         lines.append(f"## {beh}\n")
         any_spec = next((spec_of[n] for n in per_det if n in spec_of), None)
         if any_spec is not None:
-            prov = any_spec.provenance
-            lines.append(
-                f"Fitted on `{prov.get('train_source')}` ({prov.get('fit_rows')} rows, "
-                f"{prov.get('fit_positives')} positive), data `{prov.get('data')}`; other sources: "
-                + ", ".join(f"`{c}`" for c in prov.get("cross_sources", []))
-                + ".\n"
-            )
+            lines.append(_fitted_line(any_spec.provenance))
         if beh in notes:
             lines.append(notes[beh].strip() + "\n")
         lines.append("| detector | kind | aggregation | split | n (pos) | AUROC | R@1%FPR | FPR@thr | recall@thr |")
@@ -88,7 +95,7 @@ def render_model_card(
         names = sorted(per_det, key=_kind_rank)
         for name in names:
             spec = spec_of.get(name)
-            kind = spec.kind if spec else name.split(".", 1)[1]
+            kind = spec.kind if spec else name.split(".", 1)[-1]
             agg = spec.aggregation if spec else "–"
             for sp, m in sorted(per_det[name].items(), key=lambda kv: (kv[0] == "sample", kv[0])):
                 lines.append(
@@ -106,11 +113,28 @@ def render_model_card(
             )
             lines.extend(_latent_lines(ds, sae.name))
         lines.append("")
+    lines.extend(_stream_lines(bundle, ds))
     lines.append(
         "`sample` is the fixed subset (first groups by hash of each held-out split) that "
         "`tests/integration/test_detectors_grpc.py` replays through a real gRPC server.\n"
     )
     return "\n".join(lines)
+
+
+def _fitted_line(prov: Mapping[str, object]) -> str:
+    """What a behaviour was fitted on, with rows borrowed from other behaviours counted apart."""
+    others = ", ".join(f"`{c}`" for c in prov.get("cross_sources", []))  # type: ignore[attr-defined]
+    if prov.get("train_source") == "-":
+        return f"Score: {prov.get('rule')}. Data `{prov.get('data')}`; sources: {others}.\n"
+    negs = [str(n) for n in prov.get("negatives_from", [])]  # type: ignore[attr-defined]
+    borrowed = sum(int(n.rsplit("(", 1)[1].split()[0]) for n in negs if "(" in n)
+    rows = int(prov.get("fit_rows", 0))  # type: ignore[call-overload]
+    own = f"`{prov.get('train_source')}` ({rows - borrowed} rows)"
+    extra = f" plus negatives from {', '.join(negs)}: {rows} rows in all" if negs else ""
+    return (
+        f"Fitted on {own}{extra}, {prov.get('fit_positives')} positive; data "
+        f"`{prov.get('data')}`; other sources: {others}.\n"
+    )
 
 
 def _goal_checks(split: str, au: Mapping[str, float]) -> str:
@@ -132,7 +156,7 @@ def _goal_checks(split: str, au: Mapping[str, float]) -> str:
 
 
 def _kind_rank(name: str) -> int:
-    kind = name.split(".", 1)[1]
+    kind = name.split(".", 1)[-1]
     return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
 
 
@@ -153,3 +177,46 @@ def write_model_card(path: Path, text: str) -> None:
     """Write the card, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _stream_lines(bundle: Bundle, ds: DetectorSet) -> list[str]:
+    """The "Ordinary streams" section from the manifest's ``ordinary_streams`` record."""
+    rec = bundle.raw.get("ordinary_streams")
+    if not rec:
+        return ["## Ordinary streams\n", "Not measured for this bundle (`python scripts/stream_rates.py`).\n"]
+    per = rec.get("detectors", {})
+    out = [
+        "## Ordinary streams\n",
+        f"{rec['streams']} ordinary chat generations ({rec['source']}), replayed chunk by chunk "
+        f"({rec['chunk_tokens']} tokens per chunk, decision row with the first) through the stream "
+        f"scorer behind `ScoreStream`. Measured by `{rec['command']}`. A stream *fires* a detector "
+        "when any verdict of it fires; it is *halted* when the pipeline advises HALT.\n",
+        f"- streams where any critical detector fired: {rec['any_critical_fired']:.2%} (goal ≤ 1 %)",
+        f"- streams halted: {rec['halted']:.2%}\n",
+        "| detector | critical | threshold | streams fired | streams halted by it |",
+        "|---|---|---|---|---|",
+    ]
+    for s in ds.specs:
+        r = per.get(s.name)
+        if r is None:
+            continue
+        out.append(
+            f"| `{s.name}` | {'yes' if s.critical else 'no'} | {s.threshold:.4g} | {r['fired']:.2%} | "
+            f"{r['halted']:.2%} |"
+        )
+    out.append("")
+    return out
+
+
+def recorded_results(bundle: Bundle) -> dict[str, dict[str, dict[str, SplitMetrics]]]:
+    """The figures ``bundle.yaml`` records (detectors and baselines), shaped like ``evaluate_bundle``'s."""
+    out: dict[str, dict[str, dict[str, SplitMetrics]]] = {}
+    entries = list(bundle.raw.get("detectors") or []) + [
+        {"name": k, **v} for k, v in (bundle.raw.get("baselines") or {}).items()
+    ]
+    for e in entries:
+        metrics = e.get("metrics") or {}
+        if metrics:
+            beh = str(e.get("behaviour", str(e["name"]).split(".", 1)[0]))
+            out.setdefault(beh, {})[str(e["name"])] = {sp: SplitMetrics(**m) for sp, m in metrics.items()}
+    return out

@@ -56,6 +56,7 @@ class FitConfig:
     target_fpr: float = 0.01
     critical: bool = False
     seed: int = 0
+    position: str = "response"  # "decision": rows are the one activation at the last prompt-template token
 
 
 @dataclass
@@ -133,12 +134,11 @@ def aggregate(token_scores: Sequence[np.ndarray], how: str) -> np.ndarray:
 
 
 def _folds(groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    uniq = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    rng.shuffle(uniq)
-    fold_of = {g: i % k for i, g in enumerate(uniq)}
-    ids = np.array([fold_of[g] for g in groups])
-    return [np.flatnonzero(ids == i) for i in range(k)]
+    """Validation indices of ``k`` folds that never split a group (sklearn's shuffled GroupKFold)."""
+    from sklearn.model_selection import GroupKFold
+
+    gkf = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [test for _, test in gkf.split(np.zeros(len(groups)), groups=groups)]
 
 
 def platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -281,6 +281,7 @@ def fit_behaviour(
                 calibration=platt(s, yf),
                 critical=cfg.critical and name == "ensemble",
                 provenance={**provenance, "choices": chosen[name]},
+                position=cfg.position,
                 **extra,
             )
         )

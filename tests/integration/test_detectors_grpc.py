@@ -18,13 +18,14 @@ from monitor.detectors import Bundle, DetectorSet
 from monitor.detectors._activations import LabeledRow, load_rows, response_activations, response_tokens
 from monitor.detectors._evaluate import sample_groups
 from monitor.detectors._metrics import auroc
+from monitor.detectors._scoring import KINDS
 from monitor.models import load_default_model
 from tests.conftest import MODEL, ServerThread, sample
 
 AUROC_TOLERANCE = 0.02
 SCORE_TOLERANCE = 2e-3
 
-Sample = dict[str, tuple[list[LabeledRow], list[np.ndarray]]]
+Sample = dict[str, tuple[list[LabeledRow], list[np.ndarray], list[np.ndarray]]]  # rows, response, decision row
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,20 @@ def fixed_sample(bundle: Bundle) -> Sample:
         keep = sample_groups(rows, spec.provenance["train_source"], spec.provenance["cross_sources"])
         rows = [r for r in rows if r.group in keep]
         acts = response_activations(model, tok, rows, spec.hook_point, progress=False)
-        out[beh] = (rows, [response_tokens(a) for a in acts])
+        out[beh] = (rows, [response_tokens(a) for a in acts], [a[:1].numpy() for a in acts])
     return out
 
 
 def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
     ds = DetectorSet.from_bundle(bundle)
     kinds = {(s.behaviour, s.kind) for s in ds.specs}
-    assert kinds == {
-        (b, k) for b in ("deception", "sycophancy", "refusal") for k in ("sae_probe", "linear_probe", "ensemble")
+    probes = ("deception", "sycophancy", "refusal", "harmfulness")
+    assert kinds == {(b, k) for b in probes for k in ("sae_probe", "linear_probe", "ensemble")} | {
+        ("harmful_compliance", "conjunction")
     }
+    assert {s.name for s in ds.specs if s.position == "decision"} == {f"harmfulness.{k}" for k in KINDS[:3]}
+    compliance = next(s for s in ds.specs if s.name == "harmful_compliance")
+    assert compliance.critical and dict(compliance.members) == {"harmfulness.ensemble": 1.0, "refusal.ensemble": -1.0}
     for s in ds.specs:
         assert s.target_fpr == 0.01 and "sample" in s.metrics and "validation" in s.metrics
     for d in ds.runtime:  # at most 32 SAE latents per SAE probe
@@ -66,13 +71,19 @@ def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bu
     recorded = {s.name: s.metrics["sample"]["auroc"] for s in ds.specs}
     fired = 0
     with MonitorClient(sidecar.target) as client:
-        for beh, (rows, tokens) in fixed_sample.items():
+        for beh, (rows, tokens, decision) in fixed_sample.items():
             served: dict[str, list[float]] = {}
-            for i, (row, t) in enumerate(zip(rows, tokens, strict=True)):
-                reply = client.score(
-                    Generation(f"{beh}-{i}", MODEL, prompt=row.prompt, output=row.response, activations={hook: t})
+            for i, (row, t, dec) in enumerate(zip(rows, tokens, decision, strict=True)):
+                gen = Generation(
+                    f"{beh}-{i}",
+                    MODEL,
+                    prompt=row.prompt,
+                    output=row.response,
+                    activations={hook: t},
+                    decision={hook: dec},
                 )
-                local = {r.name: r.score for r in ds.score(hook, t)}
+                reply = client.score(gen)
+                local = {r.name: r.score for r in ds.score(hook, t, decision=dec)}
                 for d in reply.detectors:
                     served.setdefault(d.detector, []).append(d.score)
                     assert d.score == pytest.approx(local[d.detector], abs=1e-6)  # the wire adds nothing
@@ -83,35 +94,44 @@ def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bu
                         assert d.top_features and d.top_features[0].label  # an alert explains itself
             y = np.array([r.label for r in rows])
             for name, scores in served.items():
-                if not name.startswith(f"{beh}."):
+                if name.split(".")[0] != beh:
                     continue  # other behaviours' detectors also score these rows; their figures are elsewhere
                 got = auroc(y, np.array(scores))
                 assert abs(got - recorded[name]) <= AUROC_TOLERANCE, f"{name}: {got:.4f} vs recorded {recorded[name]}"
     assert fired > 0
     m = sidecar.metrics()
     assert sample(m, "safety_monitor_generations_scored_total", rpc="Score") == sum(
-        len(r) for r, _ in fixed_sample.values()
+        len(r) for r, _, _ in fixed_sample.values()
     )
     assert sum(v for (name, _), v in m.items() if name == "safety_monitor_detector_fired_total") == fired
 
 
 def test_projected_mode_matches_full_activations(sidecar: ServerThread, fixed_sample: Sample) -> None:
-    _rows, tokens = fixed_sample["deception"]
+    _rows, tokens, decision = fixed_sample["harmful_compliance"]
     with MonitorClient(sidecar.target) as client:
         catalog = client.get_detectors()
         hp = catalog.hook_points[0]
         assert hp.encoder_slice is not None
         sl = hp.encoder_slice
-        assert len(sl.latent_ids) <= 3 * 32 and sl.dense_columns == 3 and sl.width == len(sl.latent_ids) + 3
-        assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble"}
+        assert len(sl.latent_ids) <= 4 * 32 and sl.dense_columns == 4 and sl.width == len(sl.latent_ids) + 4
+        assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble", "conjunction"}
         for i in range(4):
-            full = client.score(Generation(f"f{i}", MODEL, activations={hp.name: tokens[i]}))
+            full = client.score(
+                Generation(f"f{i}", MODEL, activations={hp.name: tokens[i]}, decision={hp.name: decision[i]})
+            )
             proj = client.score(
-                Generation(f"p{i}", MODEL, activations={hp.name: sl.project(tokens[i])}, projected=True)
+                Generation(
+                    f"p{i}",
+                    MODEL,
+                    activations={hp.name: sl.project(tokens[i])},
+                    decision={hp.name: sl.project(decision[i])},
+                    projected=True,
+                )
             )
             a = {d.detector: d.score for d in full.detectors}
             b = {d.detector: d.score for d in proj.detectors}
             assert b == pytest.approx(a, abs=SCORE_TOLERANCE)
+            assert "harmful_compliance" in a  # the decision row travelled, projected too
             assert proj.hook_stats[0].tokens == len(tokens[i])
 
 
@@ -120,7 +140,7 @@ def test_stream_halts_on_the_critical_detector(sidecar: ServerThread, bundle: Bu
     critical = [s for s in ds.specs if s.critical]
     assert critical, "the default bundle marks a critical detector"
     hook = bundle.hook_points[0].name
-    rows, tokens = fixed_sample[critical[0].behaviour]
+    rows, tokens, _ = fixed_sample[critical[0].behaviour]
     by_score = sorted(range(len(rows)), key=lambda i: -ds.score(hook, tokens[i])[0].score)
     scores = {i: {r.name: r for r in ds.score(hook, tokens[i])}[critical[0].name] for i in by_score}
     top = next(i for i in by_score if scores[i].fired and len(tokens[i]) >= critical[0].halt_min_tokens)
