@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "detectors" / "confusable_safe.jsonl"
 HARM = ROOT / "data" / "detectors" / "harmfulness.jsonl"
 SHARED = Path("/work/shared/data/refusal/refusal_direction_splits")
+GPTEACHER = Path("/work/shared/data/chat_corpus/gpteacher")
 
 # family -> (templates, fillers); "{x}" in a template takes each filler in turn
 FAMILIES: dict[str, tuple[list[str], list[str]]] = {
@@ -194,10 +195,34 @@ def write_harmfulness(confusable: list[dict[str, object]]) -> None:
     for r in confusable:
         source = "rd_val_confusable" if r["source"] == "confusable_held_out" else "harm_fit"
         out.append({"source": source, "group": r["group"], "prompt": r["prompt"], "label": 0})
+    out.extend(roleplay_negatives())
     HARM.write_text(
         "".join(json.dumps({"behaviour": "harmfulness", **r, "response": ""}, ensure_ascii=False) + "\n" for r in out)
     )
     print(f"wrote {len(out)} prompts to {HARM}")
+
+
+def roleplay_negatives(n: int = 150) -> list[dict[str, object]]:
+    """GPTeacher role-play instructions ("Imagine you are an alien visiting Earth...") as harmless.
+
+    Without them the probe took "you are <a character>" for a jailbreak: on ordinary chat streams
+    (``scripts/ordinary_streams.py``) it fired on such role-play prompts with probability ~1. The
+    prompts those streams use are excluded, so the stream calibration stays out of the fit.
+    """
+    import gzip
+    import random
+
+    with gzip.open(ROOT / "data/chat_corpus/conversations.jsonl.gz", "rt") as f:
+        corpus = [json.loads(x) for x in f]
+    ok = [r for r in corpus if r["source"] != "hh_rlhf_harmless" and len(r["messages"][0]["content"]) <= 300]
+    random.Random(12).shuffle(ok)
+    streamed = {r["messages"][0]["content"] for r in ok[:1050]}  # = scripts/ordinary_streams.py's prompts
+    roleplay = json.loads((GPTEACHER / "roleplay-simple-deduped-roleplay-instruct.json").read_text())
+    prompts = sorted({r["instruction"] for r in roleplay if not r.get("input")} - streamed)
+    random.Random(13).shuffle(prompts)
+    return [
+        {"source": "harm_fit", "group": f"roleplay-{i}", "prompt": p, "label": 0} for i, p in enumerate(prompts[:n])
+    ]
 
 
 def write_compliance() -> None:

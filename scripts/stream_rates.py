@@ -14,6 +14,7 @@ lowest value at which at most ``--max-rate`` of the streams would fire it (never
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,9 @@ def main() -> None:
     rec = {
         "streams": n,
         "source": "GSM8K + GPTeacher prompts of data/chat_corpus, the default model's greedy answers, "
-        f"at most {max(len(d['acts']) for d in data)} tokens",
+        f"at most {max(len(d['acts']) for d in data) - 1} response tokens scored per stream",
         "chunk_tokens": ns.chunk_tokens,
-        "command": "python scripts/ordinary_streams.py && python scripts/stream_rates.py --write",
+        "command": "python scripts/ordinary_streams.py && python scripts/stream_rates.py " + " ".join(sys.argv[1:]),
         "any_critical_fired": any_crit / n,
         "halted": halted / n,
         "detectors": {k: {"fired": fired[k] / n, "halted": halted_by[k] / n} for k in fired},

@@ -210,7 +210,9 @@ def build_detectors(
         latents.update(fitted.latents)
     names = {sp.name for sp in specs}
     if all(m in names for m in COMPLIANCE_MEMBERS):
-        specs.append(compliance_spec(hook))
+        # a threshold raised on ordinary streams (scripts/stream_rates.py) is kept
+        thr = next((sp.threshold for sp in old.specs if sp.name == COMPLIANCE), COMPLIANCE_THRESHOLD)
+        specs.append(compliance_spec(hook, max(thr, COMPLIANCE_THRESHOLD)))
     save_probe_weights(bundle_dir / WEIGHTS_FILE, probes)
     _write_feature_reports(bundle, sorted(latents))
     write_manifest_detectors(bundle_dir, [sp.to_dict() for sp in specs])

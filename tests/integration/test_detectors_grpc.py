@@ -59,7 +59,8 @@ def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
     compliance = next(s for s in ds.specs if s.name == "harmful_compliance")
     assert compliance.critical and dict(compliance.members) == {"harmfulness.ensemble": 1.0, "refusal.ensemble": -1.0}
     for s in ds.specs:
-        assert s.target_fpr == 0.01 and "sample" in s.metrics and "validation" in s.metrics
+        assert s.target_fpr == 0.01 and "sample" in s.metrics
+        assert "validation" in s.metrics or s.kind == "conjunction"  # a conjunction has no fitting source
     for d in ds.runtime:  # at most 32 SAE latents per SAE probe
         if d.spec.kind == "sae_probe":
             assert 0 < d.n_latent_cols <= 32
@@ -91,7 +92,10 @@ def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bu
                     assert 0.0 <= d.probability <= 1.0
                     fired += d.fired
                     if d.fired and d.detector.endswith("sae_probe"):
-                        assert d.top_features and d.top_features[0].label  # an alert explains itself
+                        # an alert explains itself: a label, or for latents of chat-template tokens (the
+                        # decision position; the SAE's labeller leaves them unlabelled) an example context
+                        top = d.top_features[0] if d.top_features else None
+                        assert top is not None and (top.label or top.example), top
             y = np.array([r.label for r in rows])
             for name, scores in served.items():
                 if name.split(".")[0] != beh:
