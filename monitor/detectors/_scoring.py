@@ -257,7 +257,7 @@ class DetectorSet:
 
     >>> ds = DetectorSet.from_bundle(Bundle.load())
     >>> sorted({s.behaviour for s in ds.specs})
-    ['deception', 'refusal', 'sycophancy']
+    ['deception', 'harmful_compliance', 'harmfulness', 'refusal', 'sycophancy']
     """
 
     def __init__(
