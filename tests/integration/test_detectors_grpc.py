@@ -17,8 +17,8 @@ from monitor.client import Generation, MonitorClient
 from monitor.detectors import Bundle, DetectorSet
 from monitor.detectors._activations import LabeledRow, load_rows, response_activations, response_tokens
 from monitor.detectors._evaluate import sample_groups
+from monitor.detectors._manifest import KINDS
 from monitor.detectors._metrics import auroc
-from monitor.detectors._scoring import KINDS
 from monitor.models import load_default_model
 from tests.conftest import MODEL, ServerThread, sample
 

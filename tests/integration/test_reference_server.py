@@ -86,7 +86,8 @@ def test_chat_completion_is_scored_and_audited(stack: tuple[ServerThread, Refere
     monitored = resp["safety_monitor"]
     assert monitored["request_id"] == resp["id"] and not monitored["halted"] and not monitored["error"]
     rec = audit_line(audit, resp["id"])
-    assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 9
+    assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 13
+    assert "harmful_compliance" in rec["detectors"]  # the decision row travelled with the first chunk
     assert rec["text_stats"]["output_chars"] == len(text)
     m = sidecar.metrics()
     assert sample(m, "safety_monitor_generations_scored_total", rpc="ScoreStream") == 1
@@ -169,10 +170,10 @@ def test_projected_mode_during_generate_gives_the_same_verdict(model: tuple[Any,
         b = {d.detector: d.score for d in projected.detectors}
         assert b == pytest.approx(a, abs=2e-3)
         m = sidecar.metrics()
-        # projected chunks carry K values per token instead of 576
+        # projected chunks carry K values per token instead of 576 (11 tokens + the decision row each)
         assert (
             sample(m, "safety_monitor_received_bytes_total", rpc="ScoreStream")
-            == 11 * (576 + hp.encoder_slice.width) * 4
+            == (11 + 1) * (576 + hp.encoder_slice.width) * 4
         )
     finally:
         client.close()
