@@ -43,6 +43,7 @@ def test_score_round_trip(sidecar: ServerThread) -> None:
     assert hs.mean_l2_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
     assert reply.text_stats["words"] == 3
     assert reply.server_seconds > 0
+    # 9: the response detectors; without a decision row, harmfulness and harmful_compliance stay silent
     assert len(reply.detectors) == 9 and reply.flagged == any(d.fired for d in reply.detectors)
 
 
@@ -81,10 +82,16 @@ def test_get_detectors_describes_bundle(sidecar: ServerThread) -> None:
         cat = client.get_detectors()
     assert cat.model == MODEL and cat.bundle_name == "smollm2-135m-default"
     assert [(h.name, h.d_model, h.max_tokens) for h in cat.hook_points] == [(HOOK, 576, 8192)]
-    assert len(cat.detectors) == 9
-    assert {d.behaviour for d in cat.detector_infos} == {"deception", "sycophancy", "refusal"}
+    assert len(cat.detectors) == 13
+    assert {d.behaviour for d in cat.detector_infos} == {
+        "deception",
+        "sycophancy",
+        "refusal",
+        "harmfulness",
+        "harmful_compliance",
+    }
     sl = cat.hook_points[0].encoder_slice
-    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 3
+    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 4
 
 
 def test_health_serving_and_reflection(sidecar: ServerThread) -> None:
