@@ -161,15 +161,11 @@ def _kind_rank(name: str) -> int:
 
 
 def _latent_lines(ds: DetectorSet, name: str, top: int = 8) -> list[str]:
-    det = next(d for d in ds.runtime if d.spec.name == name)
-    proj = ds.projections[det.spec.hook_point]
-    order = sorted(range(len(det.cols)), key=lambda i: -abs(float(det.weight[i])))[:top]
     out = []
-    for i in order:
-        lat = int(proj.latent_ids[det.cols[i]])
+    for lat, weight in ds.detector(name).latent_weights()[:top]:
         rep = ds.reports.get(lat, {})
         ex = str(rep.get("example", "")).replace("|", "\\|").replace("\n", " ")[:90]
-        out.append(f"- latent {lat} (weight {float(det.weight[i]):+.3f}): “{rep.get('label', '')}” e.g. `{ex}`")
+        out.append(f"- latent {lat} (weight {weight:+.3f}): “{rep.get('label', '')}” e.g. `{ex}`")
     return out
 
 
