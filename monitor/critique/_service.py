@@ -9,7 +9,6 @@ alert).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.background import BoundedWorkers
 from monitor.critique._backends import CriticUnavailable
 from monitor.critique._critic import Critic, Verdict
 
@@ -44,7 +44,7 @@ class CritiqueEvent:
     flagged: bool
 
 
-class CritiqueService:
+class CritiqueService(BoundedWorkers[CritiqueEvent]):
     """Runs critiques on its own asyncio tasks; ``offer()`` from the scoring path, ``start``/``stop`` around."""
 
     def __init__(
@@ -58,32 +58,13 @@ class CritiqueService:
         on_result: Callable[[dict[str, Any]], None] | None = None,
         principles: list[str] | None = None,
     ) -> None:
-        if max_queue < 1 or concurrency < 1:
-            raise ValueError(f"max_queue and concurrency: expected >= 1, got {max_queue} and {concurrency}")
+        super().__init__(max_queue=max_queue, concurrency=concurrency, log=log)
         self.critic = critic
         self.policy = policy or CritiquePolicy()
-        self.max_queue = max_queue
-        self.concurrency = concurrency
         self.metrics = metrics
         self.on_result = on_result or (lambda record: None)
         self.principles = principles
         self._rng = random.Random(self.policy.seed)
-        self._queue: asyncio.Queue[CritiqueEvent] | None = None
-        self._workers: list[asyncio.Task[None]] = []
-        self.dropped = 0
-        self.max_depth_seen = 0
-        self.done = 0
-        self.failed = 0  # events whose handling raised (counted, logged; the worker went on)
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue(self.max_queue)
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
-
-    async def stop(self) -> None:
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
 
     def wants(self, flagged: bool) -> bool:
         """The policy's decision for one finished generation."""
@@ -93,32 +74,25 @@ class CritiqueService:
         """Queue the event if the policy wants it and there is room; never blocks. True when queued."""
         if self._queue is None or not self.wants(event.flagged):
             return False
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.critique_dropped.inc()
-            return False
-        self.max_depth_seen = max(self.max_depth_seen, self._queue.qsize())
-        if self.metrics is not None:
-            self.metrics.critique_queue_depth.set(self._queue.qsize())
-        return True
+        return self._enqueue(event)
 
-    async def _work(self) -> None:
-        assert self._queue is not None
-        while True:
-            event = await self._queue.get()
-            if self.metrics is not None:
-                self.metrics.critique_queue_depth.set(self._queue.qsize())
-            try:
-                await self._critique(event)
-            except Exception:  # a worker must outlive any one event (a bad reply, a full disk)
-                self.failed += 1
-                log.exception("critique of %s failed; the worker goes on", event.request_id)
-                if self.metrics is not None:
-                    self.metrics.critiques.labels("*", "failed").inc()
-            self.done += 1
+    def on_drop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.critique_dropped.inc()
+
+    def on_depth(self, depth: int) -> None:
+        if self.metrics is not None:
+            self.metrics.critique_queue_depth.set(depth)
+
+    def on_failure(self, exc: Exception) -> None:
+        if self.metrics is not None:
+            self.metrics.critiques.labels("*", "failed").inc()
+
+    def describe(self, event: CritiqueEvent) -> str:
+        return f"critique of {event.request_id}"
+
+    async def handle(self, event: CritiqueEvent) -> None:
+        await self._critique(event)
 
     async def _critique(self, event: CritiqueEvent) -> None:
         t0 = time.perf_counter()

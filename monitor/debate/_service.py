@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from monitor.background import BoundedWorkers
 from monitor.critique import CriticUnavailable
 from monitor.debate._arena import DebateAgent, DebateArena
 from monitor.debate._judge import DebateJudge
@@ -40,7 +41,7 @@ class DebateEvent:
         return cls(request_id, prompt, output, fired)
 
 
-class DebateService:
+class DebateService(BoundedWorkers[DebateEvent]):
     """Debates on its own asyncio tasks; ``offer()`` from the scoring path, ``start``/``stop`` around."""
 
     def __init__(
@@ -55,63 +56,41 @@ class DebateService:
         metrics: Any = None,
         on_result: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        if max_queue < 1 or concurrency < 1:
-            raise ValueError(f"max_queue and concurrency: expected >= 1, got {max_queue} and {concurrency}")
+        super().__init__(max_queue=max_queue, concurrency=concurrency, log=log)
         if timeout <= 0:
             raise ValueError(f"timeout: expected > 0, got {timeout}")
         self.backend = backend
         self.arena = DebateArena(DebateJudge(backend, timeout=timeout), max_rounds=rounds)
         self.max_tokens = max_tokens
         self.timeout = timeout
-        self.max_queue = max_queue
-        self.concurrency = concurrency
         self.metrics = metrics
         self.on_result = on_result or (lambda record: None)
-        self._queue: asyncio.Queue[DebateEvent] | None = None
-        self._workers: list[asyncio.Task[None]] = []
-        self.dropped = 0
-        self.done = 0
-        self.errors = 0
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue(self.max_queue)
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
-
-    async def stop(self) -> None:
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
+        self.errors = 0  # debates that did not reach a verdict: timeout, backend down, exception
 
     def offer(self, event: DebateEvent) -> bool:
         """Queue the event if a critical detector fired and there is room; never blocks."""
         if self._queue is None or not event.fired or not event.output:
             return False
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.debate_dropped.inc()
-            return False
-        if self.metrics is not None:
-            self.metrics.debate_queue_depth.set(self._queue.qsize())
-        return True
+        return self._enqueue(event)
 
-    async def _work(self) -> None:
-        assert self._queue is not None
-        while True:
-            event = await self._queue.get()
-            if self.metrics is not None:
-                self.metrics.debate_queue_depth.set(self._queue.qsize())
-            try:
-                await self._debate(event)
-            except Exception:  # a worker must outlive any one debate
-                self.errors += 1
-                if self.metrics is not None:
-                    self.metrics.debate_errors.labels("exception").inc()
-                log.exception("debate of %s failed", event.request_id)
-            self.done += 1
+    def on_drop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.debate_dropped.inc()
+
+    def on_depth(self, depth: int) -> None:
+        if self.metrics is not None:
+            self.metrics.debate_queue_depth.set(depth)
+
+    def on_failure(self, exc: Exception) -> None:
+        self.errors += 1
+        if self.metrics is not None:
+            self.metrics.debate_errors.labels("exception").inc()
+
+    def describe(self, event: DebateEvent) -> str:
+        return f"debate of {event.request_id}"
+
+    async def handle(self, event: DebateEvent) -> None:
+        await self._debate(event)
 
     async def _debate(self, event: DebateEvent) -> None:
         t0 = time.perf_counter()
