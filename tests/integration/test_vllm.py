@@ -126,7 +126,9 @@ def hf_scores(model: tuple[Any, Any], client: MonitorClient, requests: list[dict
         with torch.no_grad():
             hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[17][0]
         rows = hs[len(r["prompt_ids"]) :].float().numpy()
-        reply = client.score(Generation(f"hf-{r['request_id']}", MODEL, "", r["text"], {HOOK: rows}))
+        decision = hs[len(r["prompt_ids"]) - 1 : len(r["prompt_ids"])].float().numpy()  # last prompt token
+        gen = Generation(f"hf-{r['request_id']}", MODEL, "", r["text"], {HOOK: rows}, decision={HOOK: decision})
+        reply = client.score(gen)
         out[r["request_id"]] = {d.detector: (d.score, d.probability) for d in reply.detectors}
     return out
 

@@ -110,3 +110,27 @@ def test_halt_advice_is_reported_once(tmp_path: Path) -> None:
 def test_bad_queue_bound_is_refused(n: int) -> None:
     with pytest.raises(ValueError, match="max_queued_rows"):
         SidecarStreams("127.0.0.1:1", max_queued_rows=n)
+
+
+def test_the_decision_row_is_sent_once_and_read_by_the_decision_detectors(sidecar: ServerThread) -> None:
+    streams = SidecarStreams(sidecar.target, model=MODEL)
+    try:
+        dec, x = rows(1, 7) * 3, rows(6, 8)
+        streams.open("d", [1, 2, 3])
+        streams.push({}, {"d": {HOOK: dec}})  # the prefill step: only the decision position is final
+        for i in range(6):
+            streams.push({"d": {HOOK: x[i : i + 1]}})
+        streams.finish("d", [9])
+        v = streams.verdict("d")
+        assert v is not None and v.tokens_seen == 6
+        with MonitorClient(sidecar.target) as client:
+            with_dec = client.score(Generation("ref", MODEL, "", "", {HOOK: x}, decision={HOOK: dec}))
+            without = client.score(Generation("ref2", MODEL, "", "", {HOOK: x}))
+        got = {d.detector: d.score for d in v.detectors}
+        want = {d.detector: d.score for d in with_dec.detectors}
+        assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in want) < 1e-6
+        # the decision detectors run only on a decision row: the streamed verdict has them
+        decision_only = set(want) - {d.detector for d in without.detectors}
+        assert {"harmfulness.ensemble", "harmful_compliance"} <= decision_only <= set(got)
+    finally:
+        streams.close()

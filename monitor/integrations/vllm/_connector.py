@@ -9,9 +9,12 @@ batch, the rows of the positions that became final this step, optionally project
 the bundle's encoder slice on the device, and hands them to ``SidecarStreams`` (a background
 thread; the step never waits for the network).
 
-Which rows: response tokens only, i.e. positions ``prompt_len .. len(tokens) - 2``, the inputs the
-detectors were fitted on. The last generated token is never fed back through the model, so it has
-no row in any capture method: a verdict covers all output tokens but the last. Speculative
+Which rows: the decision position ``prompt_len - 1`` (the last prompt-template token, where the
+model decides how to answer; sent once, in the stream's ``decision`` field: vLLM always computes
+that position afresh, prefix cache or not) and the response tokens, positions
+``prompt_len .. len(tokens) - 2``, the inputs the detectors were fitted on. The last generated
+token is never fed back through the model, so it has no row in any capture method: a verdict
+covers all output tokens but the last. Speculative
 positions are read only once accepted (the scheduler's ``num_computed_tokens`` moved past them).
 
 HALT: the sidecar's advice comes back on the stream; the worker reports the request in its
@@ -100,7 +103,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         self._group = _hidden_state_group(kv_cache_config)
         self._block_size = _block_size(vllm_config, kv_cache_config, self._group)
         # scheduler side
-        self._next_read: dict[str, int] = {}  # request -> first position not yet read (starts at the prompt's end)
+        self._next_read: dict[str, int] = {}  # request -> first position not yet read (starts at the decision row)
         self._finished: dict[str, list[int]] = {}
         self._halt_marks: dict[str, str] = {}
         if role == KVConnectorRole.SCHEDULER and self.settings.halt:
@@ -110,6 +113,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         # worker side
         self._kv: torch.Tensor | None = None
         self._blocks: dict[str, list[int]] = {}
+        self._prompt_len: dict[str, int] = {}
         self._streams: SidecarStreams | None = None
         self._slices: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._halted_lock = threading.Lock()
@@ -136,7 +140,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             meta.opened[new.req_id] = prompt
             meta.blocks[new.req_id] = list(new.block_ids[self._group])
             meta.replaced.add(new.req_id)
-            self._next_read.setdefault(new.req_id, len(prompt))
+            self._next_read.setdefault(new.req_id, max(len(prompt) - 1, 0))
             self._plan(meta, new.req_id, new.num_computed_tokens, n_sched, spec)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -258,6 +262,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         if streams is None:  # TP rank > 0: rank 0 streams; only acknowledge finished requests
             return
         for req_id, prompt in meta.opened.items():
+            self._prompt_len[req_id] = len(prompt)
             ext = external_id(req_id)
             self._ext_to_engine[ext] = req_id
             streams.open(ext, prompt)
@@ -267,11 +272,12 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             else:
                 self._blocks.setdefault(req_id, []).extend(blocks)
         if meta.reads:
-            streams.push(self._gather(meta.reads))
+            streams.push(*self._gather(meta.reads))
         if meta.finished:
             log.debug("safety monitor: finished %s", list(meta.finished))
         for req_id, tokens in meta.finished.items():
             self._blocks.pop(req_id, None)
+            self._prompt_len.pop(req_id, None)
             ext = external_id(req_id)
             self._ext_to_engine.pop(ext, None)
             streams.finish(ext, tokens)
@@ -297,12 +303,16 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 st.halts,
             )
 
-    def _gather(self, reads: list[_Read]) -> dict[str, dict[str, np.ndarray]]:
-        """One index op for the whole batch: slot = block[p // bs] * bs + p % bs."""
+    def _gather(self, reads: list[_Read]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+        """One index op for the whole batch: slot = block[p // bs] * bs + p % bs.
+
+        Returns the response rows and, for requests whose read starts at the decision position
+        (``prompt_len - 1``), that row apart: ``(rows, decisions)``, both keyed by request id.
+        """
         assert self._kv is not None
         bs = self._block_size
         slots: list[int] = []
-        spans: list[tuple[str, int]] = []
+        spans: list[tuple[str, int, bool]] = []
         for r in reads:
             blocks = self._blocks.get(r.req_id, ())
             n = 0
@@ -312,7 +322,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                     break
                 slots.append(blocks[b] * bs + p % bs)
                 n += 1
-            spans.append((r.req_id, n))
+            spans.append((r.req_id, n, r.start == self._prompt_len.get(r.req_id, 0) - 1))
         idx = torch.tensor(slots, dtype=torch.long, device=self._kv.device)
         rows = self._kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
         per_hook = []
@@ -323,14 +333,21 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 x = x.to(torch.float32) @ w + bias
             per_hook.append(x.to(torch.float32).cpu().numpy())
         out: dict[str, dict[str, np.ndarray]] = {}
+        decisions: dict[str, dict[str, np.ndarray]] = {}
         at = 0
-        for req_id, n in spans:
-            if n:
+        for req_id, n, has_decision in spans:
+            first = at
+            if n and has_decision:
+                decisions[external_id(req_id)] = {
+                    hp: per_hook[j][at : at + 1] for j, hp in enumerate(self.settings.hook_points)
+                }
+                first += 1
+            if at + n > first:
                 out[external_id(req_id)] = {
-                    hp: per_hook[j][at : at + n] for j, hp in enumerate(self.settings.hook_points)
+                    hp: per_hook[j][first : at + n] for j, hp in enumerate(self.settings.hook_points)
                 }
             at += n
-        return out
+        return out, decisions
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose final chunk was handed to the streams: their blocks may be freed."""

@@ -43,6 +43,7 @@ class _Item:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     final: bool = False
     token_ids: Sequence[int] = ()
+    decision: dict[str, np.ndarray] = field(default_factory=dict)  # [1, width] per hook point
 
 
 @dataclass
@@ -114,8 +115,15 @@ class SidecarStreams:
             self._stats.requests += 1
         self._loop.call_soon_threadsafe(self._open, request_id, list(prompt_ids), dict(labels or {}))
 
-    def push(self, batch: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """New rows per request: ``{request_id: {hook_point: [rows, width]}}``. Never blocks."""
+    def push(
+        self,
+        batch: Mapping[str, Mapping[str, np.ndarray]],
+        decisions: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        """New rows per request: ``{request_id: {hook_point: [rows, width]}}``, and a request's
+        decision row (``[1, width]`` per hook point at the last prompt token) once, in
+        ``decisions``. Never blocks; rows over ``max_queued_rows`` are dropped and counted (a
+        decision row is one per request and always kept)."""
         kept: dict[str, dict[str, np.ndarray]] = {}
         with self._lock:
             for rid, rows in batch.items():
@@ -125,8 +133,9 @@ class SidecarStreams:
                     continue
                 self._queued_rows += n
                 kept[rid] = dict(rows)
-        if kept:
-            self._loop.call_soon_threadsafe(self._dispatch, kept)
+        dec = {rid: dict(d) for rid, d in (decisions or {}).items()}
+        if kept or dec:
+            self._loop.call_soon_threadsafe(self._dispatch, kept, dec)
 
     def finish(self, request_id: str, token_ids: Sequence[int]) -> None:
         """The request is over; ``token_ids`` are its output tokens (for the output text)."""
@@ -177,13 +186,14 @@ class SidecarStreams:
         self._requests[request_id] = req
         req.task = self._loop.create_task(self._serve(req))
 
-    def _dispatch(self, batch: dict[str, dict[str, np.ndarray]]) -> None:
-        for rid, rows in batch.items():
+    def _dispatch(self, batch: dict[str, dict[str, np.ndarray]], decisions: dict[str, dict[str, np.ndarray]]) -> None:
+        for rid in sorted(set(batch) | set(decisions), key=lambda r: r not in decisions):
+            rows = batch.get(rid, {})
             req = self._requests.get(rid)
             if req is None:  # never opened (or already finished): nothing to attribute them to
                 self._release(rows, dropped=True)
                 continue
-            req.queue.put_nowait(_Item(rows))
+            req.queue.put_nowait(_Item(rows, decision=decisions.get(rid, {})))
 
     def _finish(self, request_id: str, token_ids: list[int]) -> None:
         req = self._requests.get(request_id)
@@ -238,6 +248,7 @@ class SidecarStreams:
                 items = await self._collect(req)
                 rows: dict[str, list[np.ndarray]] = {}
                 final = None
+                decision = next((it.decision for it in items if it.decision), None)
                 for it in items:
                     for hp, a in it.rows.items():
                         rows.setdefault(hp, []).append(a)
@@ -263,7 +274,11 @@ class SidecarStreams:
                             )
                         text = self._text(final.token_ids) if final is not None else ""
                         verdict = await stream.send(
-                            merged or None, text, final=final is not None, projected=self.projected
+                            merged or None,
+                            text,
+                            final=final is not None,
+                            projected=self.projected,
+                            decision=decision,
                         )
                     except ClientError as exc:
                         failed = True
