@@ -134,25 +134,19 @@ class Fuzzer:
         return raw  # kinds without a corruption above: a valid (or semantically broken) message
 
     def _bad_utf8(self, m: pb.ScoreRequest | pb.ScoreChunk) -> bytes:
-        """Invalid UTF-8 in one string field, written on the wire by hand (protobuf refuses to)."""
+        """Invalid UTF-8 in one string field, written on the wire by hand (protobuf refuses to).
+
+        ``m`` is the caller's copy: the chosen field is cleared and re-sent with bad bytes."""
         bad = self.rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"ok\xf8\x88\x80\x80\x80"])
-        field = self.rng.choice(["request_id", "prompt", "model", "label_key", "label_value", "hook", "text"])
-        m2 = type(m)()
-        m2.CopyFrom(m)
-        number = {"request_id": 1, "model": 2, "prompt": 3, "text": 4}.get(field)
-        if isinstance(m2, pb.ScoreRequest) and field == "text":
-            number = 4  # output
+        text = "text_delta" if isinstance(m, pb.ScoreChunk) else "output"
+        field = self.rng.choice(["request_id", "prompt", "model", "label_key", "label_value", "hook", text])
         if field in ("label_key", "label_value"):
             entry = _ld(1, bad if field == "label_key" else b"k") + _ld(2, b"v" if field == "label_key" else bad)
-            return m2.SerializeToString() + _ld(6, entry)
+            return m.SerializeToString() + _ld(6, entry)
         if field == "hook":
-            return m2.SerializeToString() + _ld(5, _ld(1, bad))
-        m2.ClearField(
-            ("request_id", "model", "prompt", "text_delta" if isinstance(m2, pb.ScoreChunk) else "output")[
-                (number or 1) - 1
-            ]
-        )
-        return m2.SerializeToString() + _ld(number or 1, bad)
+            return m.SerializeToString() + _ld(5, _ld(1, bad))
+        m.ClearField(field)
+        return m.SerializeToString() + _ld(m.DESCRIPTOR.fields_by_name[field].number, bad)
 
 
 def _varint(n: int) -> bytes:

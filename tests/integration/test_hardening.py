@@ -39,8 +39,9 @@ def _raw(ch: grpc.Channel, kind: str, rpc: str):  # type: ignore[no-untyped-def]
 
 
 def request(rid: str, n: int = 3, fill: float | None = None) -> pb.ScoreRequest:
-    x = np.random.default_rng(0).normal(size=(n, D_MODEL)).astype(np.float32) if fill is None else None
-    if x is None:
+    if fill is None:
+        x = np.random.default_rng(0).normal(size=(n, D_MODEL)).astype(np.float32)
+    else:
         x = np.full((n, D_MODEL), fill, np.float32)
     t = pb.Tensor(shape=[n, D_MODEL], dtype=pb.DTYPE_F32, data=x.tobytes())
     return pb.ScoreRequest(
