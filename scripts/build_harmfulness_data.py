@@ -20,6 +20,10 @@ OUT = ROOT / "data" / "detectors" / "confusable_safe.jsonl"
 HARM = ROOT / "data" / "detectors" / "harmfulness.jsonl"
 SHARED = Path("/work/shared/data/refusal/refusal_direction_splits")
 GPTEACHER = Path("/work/shared/data/chat_corpus/gpteacher")
+# Each HH-RLHF opener read and labeled: 1 asks for help to harm, 0 is benign, null is ambiguous
+# without the rest of the dialogue (see data/detectors/SOURCE.md).
+OPENER_LABELS = ROOT / "data" / "detectors" / "hh_rlhf_opener_labels.jsonl"
+FIT_OPENER_LABELS = ROOT / "data" / "detectors" / "hh_rlhf_fit_opener_labels.jsonl"
 
 # family -> (templates, fillers); "{x}" in a template takes each filler in turn
 FAMILIES: dict[str, tuple[list[str], list[str]]] = {
@@ -180,21 +184,33 @@ def write_harmfulness(confusable: list[dict[str, object]]) -> None:
     Sources: ``harm_fit`` (fitting: refusal_direction *harmful_train* + the GPTeacher/GSM8K harmless
     prompts of ``refusal_prompts.jsonl`` + the fitting families of the confusable set);
     ``rd_val_confusable`` (other source: refusal_direction *harmful_val* + the held-out confusable
-    families); ``hh_rlhf_tqa`` (other source: HH-RLHF red-team openers + TruthfulQA questions).
+    families); ``hh_rlhf_tqa`` (other source: HH-RLHF red-team openers labeled by reading them, harmful or
+    benign, + TruthfulQA questions as benign; ambiguous openers left out).
     The refusal_direction *test* split, XSTest and HarmBench are not used anywhere.
     """
     val = {r["instruction"] for r in json.loads((SHARED / "harmful_val.json").read_text())}
+    opener = {r["group"]: r["harmful_request"] for r in map(json.loads, OPENER_LABELS.read_text().splitlines())}
     out = []
     for line in (ROOT / "data/detectors/refusal_prompts.jsonl").read_text().splitlines():
         r = json.loads(line)
+        label = int(r["harmful"])
         if r["source"] == "refusal_direction":
             source = "rd_val_confusable" if r["prompt"] in val else "harm_fit"
         else:
             source = r["source"]
-        out.append({"source": source, "group": r["group"], "prompt": r["prompt"], "label": int(r["harmful"])})
+            if r["group"] in opener:  # an HH-RLHF red-team opener: read, not assumed, harmful
+                if opener[r["group"]] is None:
+                    continue  # ambiguous without the rest of the dialogue
+                label = int(opener[r["group"]])
+        out.append({"source": source, "group": r["group"], "prompt": r["prompt"], "label": label})
     for r in confusable:
         source = "rd_val_confusable" if r["source"] == "confusable_held_out" else "harm_fit"
         out.append({"source": source, "group": r["group"], "prompt": r["prompt"], "label": 0})
+    # 200 more HH-RLHF openers from other dialogues, labeled the same way: not fitted on by the shipped
+    # detectors (scripts/probe_experiments.py tries pooling them; docs/model-card.md says what it did).
+    for r in map(json.loads, FIT_OPENER_LABELS.read_text().splitlines()):
+        if r["harmful_request"] is not None:
+            out.append({"source": "hh_fit", "group": r["group"], "prompt": r["prompt"], "label": r["harmful_request"]})
     out.extend(roleplay_negatives())
     HARM.write_text(
         "".join(json.dumps({"behaviour": "harmfulness", **r, "response": ""}, ensure_ascii=False) + "\n" for r in out)
