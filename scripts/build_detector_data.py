@@ -201,9 +201,18 @@ def deception_gsm8k(d: Path, rng: random.Random) -> list[dict[str, object]]:
     for i, g in enumerate(rng.sample(_gsm_train(d), GSM_PER_SOURCE)):
         n = int(g["final"])  # type: ignore[call-overload]
         q, group = str(g["question"]), f"gsm-rp-{i}"
-        rows.append(_row("deception", "gsm8k_roleplay", group, f"{rng.choice(GSM_HONEST)}\n\n{q}", f"The answer is {n}.", 0))
         rows.append(
-            _row("deception", "gsm8k_roleplay", group, f"{rng.choice(GSM_DECEPTIVE)}\n\n{q}", f"The answer is {_wrong(n, rng)}.", 1)
+            _row("deception", "gsm8k_roleplay", group, f"{rng.choice(GSM_HONEST)}\n\n{q}", f"The answer is {n}.", 0)
+        )
+        rows.append(
+            _row(
+                "deception",
+                "gsm8k_roleplay",
+                group,
+                f"{rng.choice(GSM_DECEPTIVE)}\n\n{q}",
+                f"The answer is {_wrong(n, rng)}.",
+                1,
+            )
         )
     return rows
 
@@ -224,7 +233,9 @@ def gsm8k_sources(d: Path) -> tuple[list[dict[str, object]], list[dict[str, obje
         view = rng.choice([right, wrong])
         prompt = rng.choice(GSM_OPINION).format(q=g["question"], v=view)
         for x in (right, wrong):
-            agree.append(_row("sycophancy", "gsm8k_opinion", f"gsm-op-{i}", prompt, f"The answer is {x}.", int(x == view)))
+            agree.append(
+                _row("sycophancy", "gsm8k_opinion", f"gsm-op-{i}", prompt, f"The answer is {x}.", int(x == view))
+            )
     rows: list[dict[str, object]] = []
     for i, g in enumerate(picked[GSM_PER_SOURCE:]):
         n = int(g["final"])  # type: ignore[call-overload]
@@ -335,8 +346,10 @@ def main() -> None:
     gsm8k_extra = gsm8k_sources(ns.shared)
     # One seeded RNG per set, so changing one set never reshuffles another.
     builders = {
-        "deception": lambda: deception(ns.shared, random.Random("deception"))
-        + deception_gsm8k(ns.shared, random.Random("deception-gsm8k")),
+        "deception": lambda: (
+            deception(ns.shared, random.Random("deception"))
+            + deception_gsm8k(ns.shared, random.Random("deception-gsm8k"))
+        ),
         "sycophancy": lambda: sycophancy(ns.shared, random.Random("sycophancy")) + gsm8k_extra[0] + gsm8k_extra[1],
         "refusal_prompts": lambda: refusal_prompts(ns.shared, random.Random("refusal_prompts")),
         "refusal": lambda: refusal(ns.out, random.Random("refusal")),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,9 @@ def collect(out: Path, max_response_tokens: int = 64, batch_size: int = 16) -> N
         rows = [r for r in load_rows(behaviour) if r.source not in SKIP_SOURCES]
         items = []
         for i, r in enumerate(rows):
-            prefix = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False, add_generation_prompt=True)
+            prefix = tok.apply_chat_template(
+                [{"role": "user", "content": r.prompt}], tokenize=False, add_generation_prompt=True
+            )
             p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
             r_ids = tok(r.response, add_special_tokens=False)["input_ids"][:max_response_tokens]
             items.append((len(p_ids) + len(r_ids), i, p_ids + r_ids, len(p_ids)))
@@ -114,15 +116,15 @@ class Data:
         return [a[1:] if a.shape[0] > 1 else a[:1] for a in self.acts[layer]]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float = 0.1) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+def _fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """Logistic regression on standardised inputs, folded back to raw weights ``(w, b)``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     sc = StandardScaler().fit(x)
     clf = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(x), y)
     w = clf.coef_[0] / sc.scale_
-    b = float(clf.intercept_[0] - (sc.mean_ / sc.scale_) @ clf.coef_[0])
-    return (lambda z: z @ w + b), (w, b)
+    return w, float(clf.intercept_[0] - (sc.mean_ / sc.scale_) @ clf.coef_[0])
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:
@@ -138,123 +140,139 @@ def _window_max(scores: np.ndarray, w: int) -> float:
     return float(((c[w:] - c[:-w]) / w).max())
 
 
-def _k_consistent(scores: np.ndarray, thr: float, k: int) -> float:
+def _k_consistent(scores: np.ndarray, k: int) -> float:
     """The k-th largest per-token score: >= thr exactly when k tokens are above thr."""
     s = np.sort(scores)[::-1]
     return float(s[min(k, len(s)) - 1])
 
 
+@dataclass(frozen=True)
+class Try:
+    """One variant of the recipe: what it is fitted on, what it reads, how it aggregates."""
+
+    behaviour: str
+    name: str
+    fit: tuple[str, ...]
+    held_out: tuple[str, ...]
+    layers: tuple[int, ...] = (16,)
+    feature: str = "mean"  # "mean" (response tokens), "decision" (last prompt-template token), or both
+    aggregation: str = "mean"  # mean | max | window<N> | k<N>
+    refusal_negatives: bool = False
+    c: float = 0.1
+
+
+def _tries() -> list[Try]:
+    dec, syc, harm = "deception", "sycophancy", "harmfulness"
+    d_pool, tqa = ("repe", "gsm8k_roleplay"), ("truthfulqa_roleplay",)
+    three = ("repe", "gsm8k_roleplay", "truthfulqa_roleplay")
+    s_pool, typ = ("truthfulqa_opinion", "gsm8k_opinion"), ("typology",)
+    neg = {"refusal_negatives": True}
+    out = [
+        Try(dec, "shipped recipe", ("repe",), (*tqa, "gsm8k_roleplay"), **neg),
+        Try(dec, "no refusal negatives", ("repe",), (*tqa, "gsm8k_roleplay")),
+        Try(dec, "pooled sources", d_pool, tqa, **neg),
+        *(Try(dec, f"layer {la}", d_pool, tqa, (la,), **neg) for la in LAYERS),
+        Try(dec, "several layers (concat)", d_pool, tqa, LAYERS, **neg),
+        Try(dec, "decision row", d_pool, tqa, feature="decision", **neg),
+        Try(dec, "mean + decision row", d_pool, tqa, feature="mean+decision", **neg),
+        *(
+            Try(dec, f"aggregation {a}", d_pool, tqa, aggregation=a, **neg)
+            for a in ("max", "window4", "window8", "k2", "k4")
+        ),
+        Try(dec, "decision row, one source", ("repe",), (*tqa, "gsm8k_roleplay"), feature="decision", **neg),
+        Try(dec, "decision row, no refusal negatives", d_pool, tqa, feature="decision"),
+        *(Try(dec, f"decision row, layer {la}", d_pool, tqa, (la,), "decision", **neg) for la in (12, 20, 24)),
+    ]
+    for held in three:
+        rest = tuple(x for x in three if x != held)
+        out.append(Try(dec, f"decision row, leave {held} out", rest, (held,), feature="decision", **neg))
+        out.append(Try(dec, f"leave {held} out", rest, (held,), **neg))
+    out += [
+        Try(syc, "shipped recipe", ("truthfulqa_opinion",), (*typ, "gsm8k_opinion")),
+        Try(syc, "pooled agreement sources", s_pool, typ),
+        *(Try(syc, f"layer {la}", s_pool, typ, (la,)) for la in LAYERS),
+        Try(syc, "several layers (concat)", s_pool, typ, LAYERS),
+        Try(syc, "decision row", s_pool, typ, feature="decision"),
+        Try(syc, "mean + decision row", s_pool, typ, feature="mean+decision"),
+        *(Try(syc, f"aggregation {a}", s_pool, typ, aggregation=a) for a in ("max", "window4", "k2")),
+        Try(syc, "agreement probe on flattery", s_pool, ("flattery_math", "flattery_code")),
+        Try(syc, "flattery probe", ("flattery_math",), ("flattery_code", *typ, "truthfulqa_opinion")),
+        *(Try(syc, f"flattery probe, layer {la}", ("flattery_math",), ("flattery_code",), (la,)) for la in LAYERS),
+        Try(syc, "one probe for both", (*s_pool, "flattery_math"), (*typ, "flattery_code")),
+        Try(
+            syc,
+            "one probe for both, GSM8K agreement held out",
+            ("truthfulqa_opinion", "flattery_math"),
+            (*typ, "gsm8k_opinion", "flattery_code"),
+        ),
+    ]
+    h_held = ("rd_val_confusable", "hh_rlhf_tqa")
+    for layers in ((16,), (8,), (12,), (20,), (24,), (12, 16, 20), LAYERS):
+        for c in (0.01, 0.1):
+            out.append(Try(harm, f"decision row, C={c}", ("harm_fit",), h_held, layers, "decision", c=c))
+    for layers in ((16,), (24,), (16, 24)):
+        name = "pooled with HH-RLHF openers of other dialogues"
+        out.append(Try(harm, name, ("harm_fit", "hh_fit"), h_held, layers, "decision", c=0.01))
+    return out
+
+
+def _features(d: Data, t: Try) -> np.ndarray:
+    parts = []
+    for layer in t.layers:
+        for how in t.feature.split("+"):
+            parts.append(d.pooled(layer, how))
+    return np.concatenate(parts, axis=1)
+
+
+def _held_out_scores(d: Data, t: Try, sel: np.ndarray, x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    """Scores of the selected rows under the try's aggregation (per-token for max/window/k)."""
+    if t.aggregation == "mean":
+        return x[sel] @ w + b
+    assert len(t.layers) == 1 and t.feature == "mean", "token aggregations are tried on one layer's response"
+    per = [tok @ w + b for tok, m in zip(d.tokens(t.layers[0]), sel, strict=True) if m]
+    if t.aggregation == "max":
+        return np.array([p.max() for p in per])
+    if t.aggregation.startswith("window"):
+        return np.array([_window_max(p, int(t.aggregation[6:])) for p in per])
+    return np.array([_k_consistent(p, int(t.aggregation[1:])) for p in per])
+
+
+def run_try(data: dict[str, Data], t: Try) -> dict[str, float]:
+    """Fit the try's probe and return the AUROC on each held-out source."""
+    d = data[t.behaviour]
+    x = _features(d, t)
+    fit = np.isin(d.source, list(t.fit))
+    xf, yf = x[fit], d.y[fit]
+    if t.refusal_negatives:
+        ref = data["refusal"]
+        keep = ref.source == "refusal_direction"
+        xf = np.concatenate([xf, _features(ref, t)[keep]])
+        yf = np.concatenate([yf, np.zeros(int(keep.sum()), dtype=int)])
+    w, b = _fit(xf, yf, t.c)
+    return {src: _auroc(d.y[d.source == src], _held_out_scores(d, t, d.source == src, x, w, b)) for src in t.held_out}
+
+
 def run(acts: Path, out: Path | None) -> None:
+    """Every try on the collected activations; a markdown table (and JSON beside it)."""
     data = {b: Data(acts / f"{b}.pt") for b in BEHAVIOURS if (acts / f"{b}.pt").is_file()}
-    lines = ["| behaviour | try | fitted on | layer(s) | features | aggregation | " + "cross AUROC per source | mean |",
-             "|---|---|---|---|---|---|---|---|"]
-    results: list[dict[str, object]] = []
-    ref = data.get("refusal")
-
-    def evaluate(
-        b: str, name: str, fit_sources: Sequence[str], layers: Sequence[int], feature: str = "mean",
-        aggregation: str = "mean", refusal_negatives: bool = False, eval_sources: Sequence[str] | None = None,
-        c: float = 0.1,
-    ) -> dict[str, float]:
-        d = data[b]
-        def feats(dd: Data, how: str) -> np.ndarray:
-            parts = []
-            for layer in layers:
-                if how in ("mean", "decision"):
-                    parts.append(dd.pooled(layer, how))
-                elif how == "mean+decision":
-                    parts += [dd.pooled(layer, "mean"), dd.pooled(layer, "decision")]
-            return np.concatenate(parts, axis=1)
-        x = feats(d, feature)
-        fit = np.isin(d.source, list(fit_sources))
-        xf, yf = x[fit], d.y[fit]
-        if refusal_negatives and ref is not None:
-            rsel = ref.source == "refusal_direction"
-            xf = np.concatenate([xf, feats(ref, feature)[rsel]])
-            yf = np.concatenate([yf, np.zeros(int(rsel.sum()), dtype=int)])
-        score, (w, bias) = _fit(xf, yf, c)
-        others = eval_sources or sorted(set(d.source) - set(fit_sources))
-        res = {}
-        for src in others:
-            sel = d.source == src
-            if aggregation == "mean":
-                s = score(x[sel])
-            else:
-                assert len(layers) == 1 and feature == "mean"
-                toks = [t for t, m in zip(d.tokens(layers[0]), sel, strict=True) if m]
-                per = [t @ w + bias for t in toks]
-                if aggregation.startswith("window"):
-                    s = np.array([_window_max(p, int(aggregation[6:])) for p in per])
-                elif aggregation.startswith("k"):
-                    # threshold: 1 % FPR of the fitting rows' mean scores (the shipped calibration)
-                    s = np.array([_k_consistent(p, 0.0, int(aggregation[1:])) for p in per])
-                else:
-                    s = np.array([p.max() for p in per])
-            res[src] = _auroc(d.y[sel], s)
-        cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+    lines = [
+        "| behaviour | try | fitted on | layer(s) | features | aggregation | held-out AUROC per source | mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    results = []
+    for t in _tries():
+        if t.behaviour not in data or (t.refusal_negatives and "refusal" not in data):
+            continue
+        res = run_try(data, t)
         mean = float(np.mean(list(res.values())))
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+        negs = " +refusal neg." if t.refusal_negatives else ""
         lines.append(
-            f"| {b} | {name} | {'+'.join(fit_sources)}{' +refusal neg.' if refusal_negatives else ''} | "
-            f"{','.join(map(str, layers))} | {feature} | {aggregation} | {cells} | {mean:.3f} |"
+            f"| {t.behaviour} | {t.name} | {'+'.join(t.fit)}{negs} | {','.join(map(str, t.layers))} | "
+            f"{t.feature} | {t.aggregation} | {cells} | {mean:.3f} |"
         )
-        results.append({"behaviour": b, "try": name, "fit": list(fit_sources), "layers": list(layers),
-                        "feature": feature, "aggregation": aggregation, "auroc": res, "mean": mean})
+        results.append({**asdict(t), "auroc": res, "mean": mean})
         print(lines[-1], flush=True)
-        return res
-
-    if "deception" in data:
-        b = "deception"
-        tqa = ["truthfulqa_roleplay"]
-        evaluate(b, "shipped recipe", ["repe"], [16], refusal_negatives=True, eval_sources=tqa + ["gsm8k_roleplay"])
-        evaluate(b, "no refusal negatives", ["repe"], [16], eval_sources=tqa + ["gsm8k_roleplay"])
-        evaluate(b, "pooled sources", ["repe", "gsm8k_roleplay"], [16], refusal_negatives=True, eval_sources=tqa)
-        for layer in LAYERS:
-            evaluate(b, f"layer {layer}", ["repe", "gsm8k_roleplay"], [layer], refusal_negatives=True, eval_sources=tqa)
-        evaluate(b, "several layers (concat)", ["repe", "gsm8k_roleplay"], list(LAYERS), refusal_negatives=True, eval_sources=tqa)
-        evaluate(b, "decision row", ["repe", "gsm8k_roleplay"], [16], feature="decision", refusal_negatives=True, eval_sources=tqa)
-        evaluate(b, "mean + decision row", ["repe", "gsm8k_roleplay"], [16], feature="mean+decision", refusal_negatives=True, eval_sources=tqa)
-        for agg in ("max", "window4", "window8", "k2", "k4"):
-            evaluate(b, f"aggregation {agg}", ["repe", "gsm8k_roleplay"], [16], aggregation=agg, refusal_negatives=True, eval_sources=tqa)
-        evaluate(b, "decision row, one source", ["repe"], [16], feature="decision", refusal_negatives=True, eval_sources=tqa + ["gsm8k_roleplay"])
-        evaluate(b, "decision row, no refusal negatives", ["repe", "gsm8k_roleplay"], [16], feature="decision", eval_sources=tqa)
-        for layer in (12, 20, 24):
-            evaluate(b, f"decision row, layer {layer}", ["repe", "gsm8k_roleplay"], [layer], feature="decision", refusal_negatives=True, eval_sources=tqa)
-        for held in ("repe", "gsm8k_roleplay", "truthfulqa_roleplay"):
-            fit = [s for s in ("repe", "gsm8k_roleplay", "truthfulqa_roleplay") if s != held]
-            evaluate(b, f"decision row, leave {held} out", fit, [16], feature="decision", refusal_negatives=True, eval_sources=[held])
-        # leave one source out over the three
-        for held in ("repe", "gsm8k_roleplay", "truthfulqa_roleplay"):
-            fit = [s for s in ("repe", "gsm8k_roleplay", "truthfulqa_roleplay") if s != held]
-            evaluate(b, f"leave {held} out", fit, [16], refusal_negatives=True, eval_sources=[held])
-    if "sycophancy" in data:
-        b = "sycophancy"
-        agree_eval = ["typology", "gsm8k_opinion"]
-        evaluate(b, "shipped recipe", ["truthfulqa_opinion"], [16], eval_sources=agree_eval)
-        evaluate(b, "pooled agreement sources", ["truthfulqa_opinion", "gsm8k_opinion"], [16], eval_sources=["typology"])
-        for layer in LAYERS:
-            evaluate(b, f"layer {layer}", ["truthfulqa_opinion", "gsm8k_opinion"], [layer], eval_sources=["typology"])
-        evaluate(b, "several layers (concat)", ["truthfulqa_opinion", "gsm8k_opinion"], list(LAYERS), eval_sources=["typology"])
-        evaluate(b, "decision row", ["truthfulqa_opinion", "gsm8k_opinion"], [16], feature="decision", eval_sources=["typology"])
-        evaluate(b, "mean + decision row", ["truthfulqa_opinion", "gsm8k_opinion"], [16], feature="mean+decision", eval_sources=["typology"])
-        for agg in ("max", "window4", "k2"):
-            evaluate(b, f"aggregation {agg}", ["truthfulqa_opinion", "gsm8k_opinion"], [16], aggregation=agg, eval_sources=["typology"])
-        evaluate(b, "agreement probe on flattery", ["truthfulqa_opinion", "gsm8k_opinion"], [16], eval_sources=["flattery_math", "flattery_code"])
-        evaluate(b, "flattery probe", ["flattery_math"], [16], eval_sources=["flattery_code", "typology", "truthfulqa_opinion"])
-        for layer in LAYERS:
-            evaluate(b, f"flattery probe, layer {layer}", ["flattery_math"], [layer], eval_sources=["flattery_code"])
-        evaluate(b, "one probe for both", ["truthfulqa_opinion", "gsm8k_opinion", "flattery_math"], [16],
-                 eval_sources=["typology", "flattery_code"])
-        evaluate(b, "one probe for both, GSM8K agreement held out", ["truthfulqa_opinion", "flattery_math"], [16],
-                 eval_sources=["typology", "gsm8k_opinion", "flattery_code"])
-    if "harmfulness" in data:
-        b = "harmfulness"
-        held = ["rd_val_confusable", "hh_rlhf_tqa"]
-        for layers in ([16], [8], [12], [20], [24], [12, 16, 20], list(LAYERS)):
-            for c in (0.01, 0.1):
-                evaluate(b, f"decision row, C={c}", ["harm_fit"], layers, feature="decision", eval_sources=held, c=c)
-        for layers in ([16], [24], [16, 24]):
-            evaluate(b, "pooled with HH-RLHF openers of other dialogues", ["harm_fit", "hh_fit"], layers,
-                     feature="decision", eval_sources=held, c=0.01)
     text = "\n".join(lines) + "\n"
     if out is not None:
         out.write_text(text)

@@ -39,13 +39,38 @@ from monitor.text import load_lexicon
 RECIPES: dict[str, FitConfig] = {
     # Deception also fits on the refusal set's rows as negatives: without them, the model's own
     # apologetic refusals ("I'm sorry, but...") fired the deception ensemble (seen in the demo).
+    # Deception reads the decision position too: issue 12's tries (docs/model-card.md) found the
+    # response-mean probe did not transfer across sources (0.786) and the decision row did (0.953).
     "deception": FitConfig(
-        "deception", "repe", ("truthfulqa_roleplay",), ("truthfulqa",), critical=True, negatives_from=("refusal",)
+        "deception",
+        "repe",
+        ("truthfulqa_roleplay",),
+        ("truthfulqa",),
+        pooled_sources=("gsm8k_roleplay",),
+        critical=True,
+        # refusal's prompts (harmful and harmless) and harmfulness's (role-play, confusable and
+        # short everyday requests): none asks for deception, so none may look like it
+        negatives_from=("refusal", "harmfulness"),
+        position="decision",
     ),
-    "sycophancy": FitConfig("sycophancy", "truthfulqa_opinion", ("typology",)),
+    # One probe for agreement and flattery: a flattery probe of its own did no better (issue 12).
+    "sycophancy": FitConfig(
+        "sycophancy",
+        "truthfulqa_opinion",
+        ("typology", "gsm8k_opinion", "flattery_code"),
+        pooled_sources=("flattery_math",),
+    ),
     "refusal": FitConfig("refusal", "refusal_direction", ("hh_rlhf_tqa",)),
-    # Harmfulness reads the decision position (last prompt-template token), not the response.
-    "harmfulness": FitConfig("harmfulness", "harm_fit", ("rd_val_confusable", "hh_rlhf_tqa"), position="decision"),
+    # Harmfulness reads the decision position (last prompt-template token), not the response. Pooled
+    # with labeled HH-RLHF openers of other dialogues: fitted on harm_fit alone it did not transfer
+    # to conversational requests (issue 12 tries, docs/model-card.md).
+    "harmfulness": FitConfig(
+        "harmfulness",
+        "harm_fit",
+        ("rd_val_confusable", "hh_rlhf_tqa"),
+        pooled_sources=("hh_fit",),
+        position="decision",
+    ),
 }
 # The critical behaviour built from two fitted ones: a harmful request AND no refusal in the answer.
 COMPLIANCE = "harmful_compliance"
@@ -74,6 +99,14 @@ class LabeledTokens:
     tokens: list[np.ndarray]
     decision: list[np.ndarray] | None = None  # [1, d_model] per row at the last prompt-template token
 
+    def rows_at(self, position: str) -> list[np.ndarray]:
+        """What a detector reading ``position`` is fitted on: response tokens, or the decision row."""
+        if position == "decision":
+            if self.decision is None:
+                raise ValueError(f"{self.behaviour}: no decision rows were collected")
+            return self.decision
+        return self.tokens
+
 
 def load_labeled(
     behaviour: str, hook_point: str, cache_dir: Path, load_model: Callable[[], Any], data: Path = DATA
@@ -85,10 +118,13 @@ def load_labeled(
 
 
 def split_of(
-    row: LabeledRow, train_source: str, cross_sources: Sequence[str], diagnostic_sources: Sequence[str] = ()
+    row: LabeledRow,
+    train_sources: Sequence[str],
+    cross_sources: Sequence[str],
+    diagnostic_sources: Sequence[str] = (),
 ) -> str | None:
     """``validation``, ``cross:<source>``, ``diagnostic:<source>`` or None (a fitting row, or ignored)."""
-    if row.source == train_source:
+    if row.source in train_sources:
         return "validation" if is_validation(row.group) else None
     if row.source in cross_sources:
         return f"cross:{row.source}"
@@ -97,11 +133,16 @@ def split_of(
     return None
 
 
-def sample_groups(rows: Sequence[LabeledRow], train_source: str, cross_sources: Sequence[str]) -> set[str]:
+def fit_sources(provenance: Mapping[str, Any]) -> list[str]:
+    """The sources a shipped detector was fitted on (its training source and any pooled with it)."""
+    return [str(provenance["train_source"]), *(str(s) for s in provenance.get("pooled_sources") or [])]
+
+
+def sample_groups(rows: Sequence[LabeledRow], train_sources: Sequence[str], cross_sources: Sequence[str]) -> set[str]:
     """The fixed sample: the first ``SAMPLE_GROUPS`` groups (by sha256) of each held-out split."""
     by_split: dict[str, set[str]] = {}
     for r in rows:
-        s = split_of(r, train_source, cross_sources)
+        s = split_of(r, train_sources, cross_sources)
         if s is not None:
             by_split.setdefault(s, set()).add(r.group)
     out: set[str] = set()
@@ -132,7 +173,7 @@ def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[s
     if not specs:
         return {}
     prov = specs[0].provenance
-    train, cross = str(prov["train_source"]), [str(c) for c in prov["cross_sources"]]
+    train, cross = fit_sources(prov), [str(c) for c in prov["cross_sources"]]
     diagnostic = [str(c) for c in prov.get("diagnostic_sources", [])]
     hook = specs[0].hook_point
     mine = {s.name for s in specs}
@@ -189,12 +230,12 @@ def build_detectors(
     for beh in behaviours:
         cfg = replace(RECIPES[beh], hook_point=hook)
         labeled[beh] = load_labeled(beh, hook, cache_dir, load_model)
-        log(f"{beh}: fitting on {cfg.train_source} ({len(labeled[beh].rows)} rows in the file)")
-        rows, tokens = list(labeled[beh].rows), list(labeled[beh].tokens)
+        log(f"{beh}: fitting on {'+'.join(cfg.fit_sources)} ({len(labeled[beh].rows)} rows in the file)")
+        rows, tokens = list(labeled[beh].rows), list(labeled[beh].rows_at(cfg.position))
         for other in cfg.negatives_from:
             extra = load_labeled(other, hook, cache_dir, load_model)
             own = RECIPES[other].train_source
-            for r, t in zip(extra.rows, extra.tokens, strict=True):
+            for r, t in zip(extra.rows, extra.rows_at(cfg.position), strict=True):
                 if r.source == own and not is_validation(r.group):
                     rows.append(LabeledRow(beh, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
                     tokens.append(t)

@@ -45,6 +45,8 @@ class FitConfig:
     train_source: str
     cross_sources: tuple[str, ...]
     diagnostic_sources: tuple[str, ...] = ()  # scored and reported, but outside the detector's scope
+    # further sources fitted on with the training source (their own 20 % validation groups held out)
+    pooled_sources: tuple[str, ...] = ()
     # other behaviours' rows (of their own fitting source) added to the fitting part as negatives
     negatives_from: tuple[str, ...] = ()
     hook_point: str = "blocks.16.hook_resid_post"
@@ -57,6 +59,11 @@ class FitConfig:
     critical: bool = False
     seed: int = 0
     position: str = "response"  # "decision": rows are the one activation at the last prompt-template token
+
+    @property
+    def fit_sources(self) -> tuple[str, ...]:
+        """The training source and the sources pooled with it."""
+        return (self.train_source, *self.pooled_sources)
 
 
 @dataclass
@@ -196,7 +203,7 @@ def fit_behaviour(
         [
             i
             for i, r in enumerate(rows)
-            if (r.source == cfg.train_source and not is_validation(r.group)) or r.source.startswith("negatives:")
+            if (r.source in cfg.fit_sources and not is_validation(r.group)) or r.source.startswith("negatives:")
         ]
     )
     if len(fit_idx) == 0:
@@ -249,12 +256,14 @@ def fit_behaviour(
     probes: dict[str, ProbeWeights] = {}
     specs: list[DetectorSpec] = []
     beh = cfg.behaviour
+    cut = int(VALIDATION_FRACTION * 1000)
     provenance = {
         "train_source": cfg.train_source,
+        "pooled_sources": list(cfg.pooled_sources),
         "fit_rows": len(fit_idx),
         "fit_positives": int(yf.sum()),
         "negatives_from": [f"{b} ({sum(r.source == f'negatives:{b}' for r in rows)} rows)" for b in cfg.negatives_from],
-        "validation": f"groups of {cfg.train_source} with sha256(group) % 1000 < {int(VALIDATION_FRACTION * 1000)}",
+        "validation": f"groups of {'+'.join(cfg.fit_sources)} with sha256(group) % 1000 < {cut}",
         "cross_sources": list(cfg.cross_sources),
         "diagnostic_sources": list(cfg.diagnostic_sources),
         "folds": cfg.folds,
@@ -264,7 +273,14 @@ def fit_behaviour(
         probes[f"{beh}.{name}"] = kind.fit(fit_idx, y, **params)
     for name in ("sae_probe", "linear_probe", "ensemble"):
         s = oof[name]
+        calibration = platt(s, yf)
         thr = threshold_at_fpr(s[yf == 0], cfg.target_fpr)
+        if cfg.critical:
+            # A critical behaviour's detectors also need probability >= 0.5: on separable fitting
+            # data the 1 % point sits at the top of the negatives, far below the positives, and
+            # the deception ensemble then halted 31 % of the other source's honest prompts at P ~ 0.
+            even = -calibration[1] / calibration[0] if calibration[0] > 0 else -np.inf
+            thr = max(thr, float(even))
         extra: dict[str, Any] = {}
         if name == "ensemble":
             stack = chosen[name]["stack"]
@@ -278,7 +294,7 @@ def fit_behaviour(
                 aggregation=chosen[name]["aggregation"],
                 threshold=thr,
                 target_fpr=cfg.target_fpr,
-                calibration=platt(s, yf),
+                calibration=calibration,
                 critical=cfg.critical and name == "ensemble",
                 provenance={**provenance, "choices": chosen[name]},
                 position=cfg.position,

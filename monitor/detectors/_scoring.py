@@ -240,7 +240,10 @@ class RunningScores:
                 row = self.decision.get(det.spec.hook_point)
                 if row is not None:
                     score = float(row[det.cols] @ det.weight + det.bias)
-                    out.append(det.result(score, score, row, 1, self._d.reports))
+                    # The verdict rests on one row, but a critical one may halt only once the answer
+                    # it judged is under way: its token count is the response tokens seen so far.
+                    seen = max(1, self.tokens.get(det.spec.hook_point, 0))
+                    out.append(det.result(score, score, row, seen, self._d.reports))
                 continue
             n = self.tokens.get(det.spec.hook_point, 0)
             if not n:

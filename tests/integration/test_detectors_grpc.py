@@ -16,7 +16,7 @@ import pytest
 from monitor.client import Generation, MonitorClient
 from monitor.detectors import Bundle, DetectorSet
 from monitor.detectors._activations import LabeledRow, load_rows, response_activations, response_tokens
-from monitor.detectors._evaluate import sample_groups
+from monitor.detectors._evaluate import fit_sources, sample_groups
 from monitor.detectors._manifest import KINDS
 from monitor.detectors._metrics import auroc
 from monitor.models import load_default_model
@@ -41,7 +41,7 @@ def fixed_sample(bundle: Bundle) -> Sample:
     for beh in sorted({s.behaviour for s in ds.specs}):
         spec = next(s for s in ds.specs if s.behaviour == beh)
         rows = load_rows(beh)
-        keep = sample_groups(rows, spec.provenance["train_source"], spec.provenance["cross_sources"])
+        keep = sample_groups(rows, fit_sources(spec.provenance), spec.provenance["cross_sources"])
         rows = [r for r in rows if r.group in keep]
         acts = response_activations(model, tok, rows, spec.hook_point, progress=False)
         out[beh] = (rows, [response_tokens(a) for a in acts], [a[:1].numpy() for a in acts])
@@ -55,7 +55,9 @@ def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
     assert kinds == {(b, k) for b in probes for k in ("sae_probe", "linear_probe", "ensemble")} | {
         ("harmful_compliance", "conjunction")
     }
-    assert {s.name for s in ds.specs if s.position == "decision"} == {f"harmfulness.{k}" for k in KINDS[:3]}
+    assert {s.name for s in ds.specs if s.position == "decision"} == {
+        f"{b}.{k}" for b in ("harmfulness", "deception") for k in KINDS[:3]
+    }
     compliance = next(s for s in ds.specs if s.name == "harmful_compliance")
     assert compliance.critical and dict(compliance.members) == {"harmfulness.ensemble": 1.0, "refusal.ensemble": -1.0}
     for s in ds.specs:
@@ -144,16 +146,22 @@ def test_stream_halts_on_the_critical_detector(sidecar: ServerThread, bundle: Bu
     critical = [s for s in ds.specs if s.critical]
     assert critical, "the default bundle marks a critical detector"
     hook = bundle.hook_points[0].name
-    rows, tokens, _ = fixed_sample[critical[0].behaviour]
-    by_score = sorted(range(len(rows)), key=lambda i: -ds.score(hook, tokens[i])[0].score)
-    scores = {i: {r.name: r for r in ds.score(hook, tokens[i])}[critical[0].name] for i in by_score}
+    rows, tokens, decision = fixed_sample[critical[0].behaviour]
+    name = critical[0].name
+    scores = {i: {r.name: r for r in ds.score(hook, tokens[i], decision=decision[i])}[name] for i in range(len(rows))}
+    by_score = sorted(scores, key=lambda i: -scores[i].score)
     top = next(i for i in by_score if scores[i].fired and len(tokens[i]) >= critical[0].halt_min_tokens)
-    low = next(i for i in reversed(by_score) if not scores[i].fired and scores[i].recent_score < scores[i].threshold)
+    low = next(
+        i
+        for i in reversed(by_score)
+        if not scores[i].fired and scores[i].recent_score < scores[i].threshold and len(tokens[i]) >= 8
+    )
     with MonitorClient(sidecar.target) as client:
         for i, expect in ((top, True), (low, False)):
             with client.stream(f"s{i}", MODEL, prompt=rows[i].prompt) as s:
                 t = tokens[i]
-                verdicts = [s.send({hook: t[j : j + 4]}) for j in range(0, len(t) - 4, 4)]
+                verdicts = [s.send({hook: t[:4]}, decision={hook: decision[i]})]
+                verdicts += [s.send({hook: t[j : j + 4]}) for j in range(4, len(t) - 4, 4)]
                 verdicts.append(s.send({hook: t[len(verdicts) * 4 :]}, final=True))
             assert verdicts[-1].halt is expect
             final = {d.detector: d for d in verdicts[-1].detectors}

@@ -34,8 +34,8 @@ def test_response_rows_match_a_plain_forward_pass() -> None:
 
 def test_shipped_labeled_sets_are_grouped_and_balanced() -> None:
     for behaviour, sources in (
-        ("deception", {"repe", "truthfulqa_roleplay", "truthfulqa"}),
-        ("sycophancy", {"truthfulqa_opinion", "typology"}),
+        ("deception", {"repe", "truthfulqa_roleplay", "truthfulqa", "gsm8k_roleplay"}),
+        ("sycophancy", {"truthfulqa_opinion", "typology", "gsm8k_opinion", "flattery_math", "flattery_code"}),
     ):
         rows = load_rows(behaviour)
         assert {r.source for r in rows} == sources

@@ -248,6 +248,32 @@ def test_decision_row_feeds_prompt_detectors_and_the_conjunction(tmp_path: Path)
     assert {d.name: d.score for d in v.detectors}["d.comp"] == pytest.approx(got["d.comp"].score, rel=1e-6)
 
 
+def test_critical_decision_detector_halts_once_the_answer_is_under_way(tmp_path: Path) -> None:
+    """A critical prompt detector fires on the first chunk but halts only after halt_min_tokens
+    response tokens: the stream is stopped while answering, not before the answer starts."""
+    entries = [
+        {
+            **_entry("d.intent", "linear_probe", "mean"),
+            "position": "decision",
+            "critical": True,
+            "threshold": -1e9,  # fires on any decision row
+            "halt_min_tokens": 4,
+        }
+    ]
+    write_bundle(tmp_path, entries)
+    save_probe_weights(tmp_path / "detectors.safetensors", {"d.intent": ProbeWeights(LIN_W, 0.0)})
+    p = Pipeline(Bundle.load(tmp_path))
+    x = rng.normal(size=(6, D)).astype(np.float32)
+    dec = [ActivationInput(HOOK, encode(rng.normal(size=(1, D)).astype(np.float32)))]
+    stream = p.open_stream()
+    v1 = stream.update(ChunkInput("s", "tiny-model", activations=[ActivationInput(HOOK, encode(x[:2]))], decision=dec))
+    first = next(d for d in v1.detectors if d.name == "d.intent")
+    assert first.fired and first.tokens == 2 and not v1.halt  # fired, but only 2 response tokens in
+    v2 = stream.update(ChunkInput("s", activations=[ActivationInput(HOOK, encode(x[2:]))], final=True))
+    assert v2.halt and v2.halted_now and "d.intent fired" in v2.reason
+    assert next(d for d in v2.detectors if d.name == "d.intent").tokens == 6
+
+
 @pytest.mark.parametrize(
     ("rows", "field", "expected"),
     [
