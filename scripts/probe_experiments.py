@@ -158,6 +158,7 @@ class Try:
     feature: str = "mean"  # "mean" (response tokens), "decision" (last prompt-template token), or both
     aggregation: str = "mean"  # mean | max | window<N> | k<N>
     refusal_negatives: bool = False
+    harm_negatives: bool = False  # the harmfulness set's fitting prompts as negatives too (decision row)
     c: float = 0.1
 
 
@@ -181,6 +182,15 @@ def _tries() -> list[Try]:
         ),
         Try(dec, "decision row, one source", ("repe",), (*tqa, "gsm8k_roleplay"), feature="decision", **neg),
         Try(dec, "decision row, no refusal negatives", d_pool, tqa, feature="decision"),
+        Try(
+            dec,
+            "decision row, + harmfulness prompts as negatives",
+            d_pool,
+            tqa,
+            feature="decision",
+            **neg,
+            harm_negatives=True,
+        ),
         *(Try(dec, f"decision row, layer {la}", d_pool, tqa, (la,), "decision", **neg) for la in (12, 20, 24)),
     ]
     for held in three:
@@ -248,6 +258,11 @@ def run_try(data: dict[str, Data], t: Try) -> dict[str, float]:
         keep = ref.source == "refusal_direction"
         xf = np.concatenate([xf, _features(ref, t)[keep]])
         yf = np.concatenate([yf, np.zeros(int(keep.sum()), dtype=int)])
+    if t.harm_negatives:
+        harm = data["harmfulness"]
+        keep = harm.source == "harm_fit"
+        xf = np.concatenate([xf, _features(harm, t)[keep]])
+        yf = np.concatenate([yf, np.zeros(int(keep.sum()), dtype=int)])
     w, b = _fit(xf, yf, t.c)
     return {src: _auroc(d.y[d.source == src], _held_out_scores(d, t, d.source == src, x, w, b)) for src in t.held_out}
 
@@ -266,7 +281,7 @@ def run(acts: Path, out: Path | None) -> None:
         res = run_try(data, t)
         mean = float(np.mean(list(res.values())))
         cells = ", ".join(f"{k} {v:.3f}" for k, v in res.items())
-        negs = " +refusal neg." if t.refusal_negatives else ""
+        negs = (" +refusal neg." if t.refusal_negatives else "") + (" +harmfulness neg." if t.harm_negatives else "")
         lines.append(
             f"| {t.behaviour} | {t.name} | {'+'.join(t.fit)}{negs} | {','.join(map(str, t.layers))} | "
             f"{t.feature} | {t.aggregation} | {cells} | {mean:.3f} |"
