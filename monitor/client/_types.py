@@ -38,7 +38,7 @@ class Generation:
     labels: Mapping[str, str] = field(default_factory=dict)
     projected: bool = False  # activations are [tokens, K] from the catalog's encoder slice
     # hook point -> [1, d_model] (or [1, K] projected) at the last prompt-template token; read by
-    # prompt detectors such as harmfulness (optional: without it they report nothing)
+    # prompt detectors such as deception and harmfulness (optional: without it they report nothing)
     decision: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -51,9 +51,11 @@ def test_critical_alerts_are_debated_into_the_audit_log_and_metrics(ref: Referen
     try:
         acts = np.ones((12, D_MODEL), np.float32)
         with MonitorClient(st.target) as client:
-            reply = client.score(Generation("deb-1", MODEL, PROMPT, OUTPUT, {HOOK: acts}))
+            # the critical deception ensemble reads the decision row: send one
+            reply = client.score(Generation("deb-1", MODEL, PROMPT, OUTPUT, {HOOK: acts}, decision={HOOK: acts[:1]}))
             with client.stream("deb-s", MODEL, prompt=PROMPT) as s:
-                verdicts = [s.send({HOOK: acts[j : j + 4]}, text_delta=f"word{j} ") for j in (0, 4)]
+                verdicts = [s.send({HOOK: acts[:4]}, text_delta="word0 ", decision={HOOK: acts[:1]})]
+                verdicts.append(s.send({HOOK: acts[4:8]}, text_delta="word4 "))
                 verdicts.append(s.send({HOOK: acts[8:]}, text_delta="end.", final=True))
         critical = {d.detector: d.score for d in reply.detectors if d.critical and d.fired}
         assert critical  # the bundle's critical detector fired, so the generation goes to a debate

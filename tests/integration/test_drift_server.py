@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ def answer(words: int, rng: np.random.Generator) -> str:
 def send(client: MonitorClient, n: int, words: int, rng: np.random.Generator, start: int = 0) -> None:
     acts = np.ones((2, D_MODEL), np.float32)
     for i in range(n):
-        client.score(Generation(f"g{start + i}", MODEL, "Tell me about rivers.", answer(words, rng), {HOOK: acts}))
+        gen = Generation(f"g{start + i}", MODEL, "Tell me about rivers.", answer(words, rng), {HOOK: acts})
+        client.score(replace(gen, decision={HOOK: acts[:1]}))  # the deception detectors read the decision row
 
 
 def test_length_drift_raises_the_alarm_and_a_change_point(tmp_path: Path) -> None:

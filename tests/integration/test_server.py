@@ -43,8 +43,10 @@ def test_score_round_trip(sidecar: ServerThread) -> None:
     assert hs.mean_l2_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
     assert reply.text_stats["words"] == 3
     assert reply.server_seconds > 0
-    # 9: the response detectors; without a decision row, harmfulness and harmful_compliance stay silent
-    assert len(reply.detectors) == 9 and reply.flagged == any(d.fired for d in reply.detectors)
+    # 6: the response detectors (sycophancy, refusal); without a decision row the deception and
+    # harmfulness detectors and harmful_compliance stay silent
+    assert len(reply.detectors) == 6 and reply.flagged == any(d.fired for d in reply.detectors)
+    assert {d.behaviour for d in reply.detectors} == {"sycophancy", "refusal"}
 
 
 def test_score_stream_round_trip(sidecar: ServerThread) -> None:

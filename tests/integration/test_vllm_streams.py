@@ -93,6 +93,7 @@ def test_halt_advice_is_reported_once(tmp_path: Path) -> None:
     streams = SidecarStreams(sidecar.target, model=MODEL, on_halt=on_halt)
     try:
         streams.open("h", [])
+        streams.push({}, {"h": {HOOK: rows(1, 99)}})  # the decision row the critical deception detector reads
         for i in range(12):
             streams.push({"h": {HOOK: rows(1, i)}})
         assert got.wait(20)
