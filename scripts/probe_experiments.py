@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.detectors._activations import response_tokens
+from monitor.detectors._metrics import auroc
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = (8, 12, 16, 20, 24)
 BEHAVIOURS = ("deception", "sycophancy", "refusal", "harmfulness")
@@ -94,26 +97,23 @@ class Data:
         import torch
 
         blob = torch.load(path)
-        self.meta = blob["meta"]
-        self.acts = {k: [a.float().numpy() for a in v] for k, v in blob["acts"].items()}
-        self.y = np.array([m["label"] for m in self.meta])
-        self.source = np.array([m["source"] for m in self.meta])
-        self.group = np.array([m["group"] for m in self.meta])
+        self.y = np.array([m["label"] for m in blob["meta"]])
+        self.source = np.array([m["source"] for m in blob["meta"]])
+        # converted to float32 once: every try reads them again
+        self._tokens = {k: [response_tokens(a) for a in v] for k, v in blob["acts"].items()}
+        self._decision = {k: np.stack([a[0].float().numpy() for a in v]) for k, v in blob["acts"].items()}
 
     def pooled(self, layer: int, how: str = "mean") -> np.ndarray:
-        out = []
-        for a in self.acts[layer]:
-            resp = a[1:] if a.shape[0] > 1 else a[:1]
-            if how == "mean":
-                out.append(resp.mean(0))
-            elif how == "decision":
-                out.append(a[0])
-            else:
-                raise ValueError(how)
-        return np.stack(out)
+        """``[rows, d_model]``: the mean of the response tokens, or the decision row."""
+        if how == "mean":
+            return np.stack([t.mean(0) for t in self._tokens[layer]])
+        if how == "decision":
+            return self._decision[layer]
+        raise ValueError(f"how: expected 'mean' or 'decision', got {how!r}")
 
     def tokens(self, layer: int) -> list[np.ndarray]:
-        return [a[1:] if a.shape[0] > 1 else a[:1] for a in self.acts[layer]]
+        """Each row's response-token activations (the decision row when it has no response)."""
+        return self._tokens[layer]
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -125,12 +125,6 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
     clf = LogisticRegression(C=c, max_iter=2000).fit(sc.transform(x), y)
     w = clf.coef_[0] / sc.scale_
     return w, float(clf.intercept_[0] - (sc.mean_ / sc.scale_) @ clf.coef_[0])
-
-
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s))
 
 
 def _window_max(scores: np.ndarray, w: int) -> float:
@@ -264,7 +258,7 @@ def run_try(data: dict[str, Data], t: Try) -> dict[str, float]:
         xf = np.concatenate([xf, _features(harm, t)[keep]])
         yf = np.concatenate([yf, np.zeros(int(keep.sum()), dtype=int)])
     w, b = _fit(xf, yf, t.c)
-    return {src: _auroc(d.y[d.source == src], _held_out_scores(d, t, d.source == src, x, w, b)) for src in t.held_out}
+    return {src: auroc(d.y[d.source == src], _held_out_scores(d, t, d.source == src, x, w, b)) for src in t.held_out}
 
 
 def run(acts: Path, out: Path | None) -> None:

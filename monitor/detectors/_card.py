@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from monitor.detectors._bundle import Bundle
-from monitor.detectors._evaluate import GOALS
+from monitor.detectors._evaluate import GOALS, fit_sources
 from monitor.detectors._metrics import SplitMetrics
 from monitor.detectors._scoring import DetectorSet
 
@@ -129,8 +129,7 @@ def _fitted_line(prov: Mapping[str, object]) -> str:
     negs = [str(n) for n in prov.get("negatives_from", [])]  # type: ignore[attr-defined]
     borrowed = sum(int(n.rsplit("(", 1)[1].split()[0]) for n in negs if "(" in n)
     rows = int(prov.get("fit_rows", 0))  # type: ignore[call-overload]
-    sources = [prov.get("train_source"), *(prov.get("pooled_sources") or [])]  # type: ignore[misc]
-    own = f"{' + '.join(f'`{x}`' for x in sources)} ({rows - borrowed} rows)"
+    own = f"{' + '.join(f'`{x}`' for x in fit_sources(prov))} ({rows - borrowed} rows)"
     extra = f" plus negatives from {', '.join(negs)}: {rows} rows in all" if negs else ""
     return (
         f"Fitted on {own}{extra}, {prov.get('fit_positives')} positive; data "
