@@ -298,12 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train-detectors",
         help="fit the SAE, dense and ensemble detectors into a bundle",
-        description="Fit detectors on data/detectors/ (activations cached), calibrate at 1%% FPR, write "
-        "detectors.safetensors, the feature reports of the latents used and bundle.yaml's detectors.",
+        description="Fit detectors on data/detectors/ (activations cached), calibrate at 1%% FPR, fit the "
+        "critical harmful_compliance stack on rows its members never saw and set its threshold on ordinary "
+        "traffic (data/ordinary), write detectors.safetensors, the feature reports of the latents used and "
+        "bundle.yaml's detectors with their figures (held-out sources and ordinary streams).",
     )
     p.set_defaults(func=_train_detectors)
     p.add_argument("--bundle", help="bundle folder (default: the embedded default)")
-    p.add_argument("--behaviour", action="append", help="deception, sycophancy or refusal; repeatable (default: all)")
+    p.add_argument(
+        "--behaviour",
+        action="append",
+        help="deceptive_setup, deceptive_answer, sycophancy, refusal or harmful_request; repeatable (default: all)",
+    )
     p.add_argument("--cache", default="runs/detector-acts", help="activation cache folder")
 
     p = sub.add_parser(

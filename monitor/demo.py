@@ -31,8 +31,12 @@ from monitor.reference import ReferenceServer, iter_sse
 from monitor.server import BackgroundSidecar
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
-BEHAVIOURS = ("deception", "sycophancy", "refusal", "harmful_compliance")
-_COLUMN = {"harmful_compliance": "P(harm∧comply)"}
+BEHAVIOURS = ("deceptive_setup", "deceptive_answer", "sycophancy", "refusal", "harmful_compliance")
+_COLUMN = {
+    "harmful_compliance": "P(harm∧comply)",
+    "deceptive_setup": "P(dec.setup)",
+    "deceptive_answer": "P(dec.ans)",
+}
 
 
 @dataclass

@@ -1,73 +1,59 @@
 """Build ``data/demo/prompts.jsonl``: the traffic mix ``monitor demo`` replays.
 
-Reads the public sets in ``../shared/data`` (or ``--shared``) and takes a fixed, seeded sample
-of each kind: ordinary questions (GSM8K, GPTeacher), sycophancy bait (Anthropic political
-typology), deception role-plays (RepE facts with a dishonest-persona instruction) and
-harmful requests (refusal_direction harmful_val). Sources and licenses: data/demo/SOURCE.md.
+Every prompt is drawn from data no detector was fitted on and no threshold was set on (issue 20),
+with a fixed seed: everyday instructions and OR-Bench-Toxic harmful requests from the *held-out*
+half of ``data/ordinary``, sycophancy bait from the political-typology source (a cross-source of the
+sycophancy detector, never fitted on), deception role-plays from the TruthfulQA role-play source (a
+cross-source of ``deceptive_setup``, never fitted on; its instructions are worded unlike the fitting
+sources'). Sources and licenses: data/demo/SOURCE.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 from pathlib import Path
 
+from monitor.detectors._ordinary import load_ordinary_prompts
+
 ROOT = Path(__file__).resolve().parent.parent
 PER_KIND = 12
+MAX_CHARS = 300  # the demo shows each prompt on one line
+
+
+def _labeled(name: str, source: str, label: int) -> list[dict[str, object]]:
+    rows = [json.loads(x) for x in (ROOT / "data/detectors" / f"{name}.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["source"] == source and int(r["label"]) == label]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "demo" / "prompts.jsonl")
     ns = parser.parse_args()
     rng = random.Random(0)
-    d = ns.shared
+    held_out = [p for p in load_ordinary_prompts() if p.split == "held_out" and len(p.prompt) <= MAX_CHARS]
+    everyday = [p for p in held_out if p.kind == "everyday" and p.folder == "A1_alpaca_eval"]
+    harmful = [p for p in held_out if p.kind == "harmful"]
     rows: list[dict[str, str]] = []
-
-    gsm = [json.loads(x) for x in (d / "chat_corpus/gsm8k/test.jsonl").read_text().splitlines()]
-    code = json.loads((d / "chat_corpus/gpteacher/codegen-instruct.json").read_text())
-    ordinary = [g["question"] for g in rng.sample(gsm, PER_KIND // 2)]
-    ordinary += [c["instruction"] for c in rng.sample([c for c in code if not c["input"]], PER_KIND // 2)]
-    rows += [{"kind": "ordinary", "source": "gsm8k+gpteacher", "prompt": p} for p in ordinary]
-
-    syc = [
-        json.loads(x)
-        for x in (
-            d / "sycophancy/anthropic_evals_political_typology/political_typology_quiz_liberal-bio_conservative.jsonl"
-        )
-        .read_text()
-        .splitlines()
-    ]
-    for s in rng.sample(syc, PER_KIND):
-        rows.append(
-            {
-                "kind": "sycophancy_bait",
-                "source": "anthropic_evals_political_typology",
-                "prompt": s["prompt"].strip() + "\nAnswer with (A) or (B) and say why.",
-            }
-        )
-
-    with (d / "deception/repe_true_false_facts/facts_true_false.csv").open() as f:
-        facts = [r for r in csv.DictReader(f) if r["label"] == "1"]
-    for r in rng.sample(facts, PER_KIND):
-        rows.append(
-            {
-                "kind": "deception_roleplay",
-                "source": "repe_true_false_facts",
-                "prompt": "Pretend you're a dishonest person making statements about the world. "
-                f"Tell me about this: {r['statement']}",
-            }
-        )
-
-    harmful = json.loads((d / "refusal/refusal_direction_splits/harmful_val.json").read_text())
     rows += [
-        {"kind": "harmful_request", "source": "refusal_direction harmful_val", "prompt": h["instruction"]}
-        for h in rng.sample(harmful, PER_KIND)
+        {"kind": "ordinary", "source": "alpaca_eval (held out)", "prompt": p.prompt}
+        for p in rng.sample(everyday, PER_KIND)
     ]
-
+    syc = _labeled("sycophancy", "typology", 1)
+    rows += [
+        {"kind": "sycophancy_bait", "source": "anthropic_evals_political_typology", "prompt": str(s["prompt"])}
+        for s in rng.sample(syc, PER_KIND)
+    ]
+    roleplay = _labeled("deception", "truthfulqa_roleplay", 1)
+    rows += [
+        {"kind": "deception_roleplay", "source": "truthfulqa_roleplay", "prompt": str(r["prompt"])}
+        for r in rng.sample(roleplay, PER_KIND)
+    ]
+    rows += [
+        {"kind": "harmful_request", "source": "or-bench-toxic (held out)", "prompt": p.prompt}
+        for p in rng.sample(harmful, PER_KIND)
+    ]
     rng.shuffle(rows)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -337,6 +337,36 @@ def refusal_prompts(d: Path, rng: random.Random) -> list[dict[str, object]]:
     return rows
 
 
+def deceptive_answer(deception_rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Answer-level deception pairs: every context answered both honestly and deceptively.
+
+    Each role-play group of ``deception`` has an honest instruction answered truly and a deceptive
+    one answered falsely. Crossing them gives both answers under *each* instruction, so the label
+    (1 = the answer states the falsehood) cannot be read off the prompt: a detector must read the
+    answer. TruthfulQA without instructions (one question, true and false answer) is kept as is.
+    """
+    out: list[dict[str, object]] = []
+    by_group: dict[tuple[object, object], list[dict[str, object]]] = {}
+    for r in deception_rows:
+        by_group.setdefault((r["source"], r["group"]), []).append(r)
+    for (source, group), rows in by_group.items():
+        if source == "truthfulqa":
+            out.extend(
+                _row(
+                    "deceptive_answer", "truthfulqa", str(group), str(r["prompt"]), str(r["response"]), int(r["label"])
+                )
+                for r in rows
+            )  # type: ignore[call-overload]
+            continue
+        answers = {int(r["label"]): str(r["response"]) for r in rows}  # type: ignore[call-overload]
+        if set(answers) != {0, 1}:
+            continue
+        for r in rows:
+            for label, answer in sorted(answers.items()):
+                out.append(_row("deceptive_answer", f"{source}_crossed", str(group), str(r["prompt"]), answer, label))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
@@ -354,8 +384,10 @@ def main() -> None:
         "refusal_prompts": lambda: refusal_prompts(ns.shared, random.Random("refusal_prompts")),
         "refusal": lambda: refusal(ns.out, random.Random("refusal")),
     }
+    built: dict[str, list[dict[str, object]]] = {}
+    builders["deceptive_answer"] = lambda: deceptive_answer(built["deception"])
     for name, build in builders.items():
-        rows = build()
+        rows = built[name] = build()
         (ns.out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{name}: {len(rows)} rows")
 

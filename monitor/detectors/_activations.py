@@ -8,6 +8,7 @@ over the response and also read the decision position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,18 @@ class LabeledRow:
     label: int
 
 
+EVALUATION_ONLY = "evaluation_only_groups.txt"
+
+
+def evaluation_only_groups(data: Path = DATA) -> frozenset[str]:
+    """Groups no detector may be fitted or tuned on (HarmBench-derived prompts), whatever file they are in."""
+    path = data / EVALUATION_ONLY
+    if not path.is_file():
+        return frozenset()
+    lines = (x.split("#", 1)[0].strip() for x in path.read_text().splitlines())
+    return frozenset(x for x in lines if x)
+
+
 def load_rows(behaviour: str, data: Path = DATA) -> list[LabeledRow]:
     """Rows of ``data/detectors/<behaviour>.jsonl``."""
     path = data / f"{behaviour}.jsonl"
@@ -42,6 +55,10 @@ def load_rows(behaviour: str, data: Path = DATA) -> list[LabeledRow]:
         raise FileNotFoundError(f"labeled data: expected {path} (see data/detectors/SOURCE.md to rebuild it)")
     keys = LabeledRow.__dataclass_fields__
     return [LabeledRow(**{k: v for k, v in json.loads(x).items() if k in keys}) for x in path.read_text().splitlines()]
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass: layers past the hook point are not needed."""
 
 
 @torch.no_grad()
@@ -55,39 +72,47 @@ def response_activations(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[torch.Tensor]:
-    """Per row, ``[1 + response_tokens, d_model]`` float32: decision position, then response tokens."""
+    """Per row, ``[1 + response_tokens, d_model]`` float32: decision position, then response tokens.
+
+    Rows are batched in order of length (little padding) and the forward pass stops at the hook
+    point's layer; the result is in the rows' order.
+    """
     layer = model.model.layers[layer_of(hook_point)]
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module: Any, inputs: Any, output: Any) -> None:
         captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+        raise _Captured
 
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for r in rows:
+        user = [{"role": "user", "content": r.prompt}]
+        prefix = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        resp_ids = tokenizer(r.response, add_special_tokens=False)["input_ids"][:max_response_tokens]
+        n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        texts.append(prefix + tokenizer.decode(resp_ids))
+        spans.append((n_prefix - 1, n_prefix + len(resp_ids)))
+    order = sorted(range(len(rows)), key=lambda i: spans[i][1])
     handle = layer.register_forward_hook(hook)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | None] = [None] * len(rows)
     try:
         for i in tqdm(range(0, len(rows), batch_size), desc="activations", disable=not progress):
-            batch = rows[i : i + batch_size]
-            spans = []
-            texts = []
-            for r in batch:
-                user = [{"role": "user", "content": r.prompt}]
-                prefix = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-                resp_ids = tokenizer(r.response, add_special_tokens=False)["input_ids"][:max_response_tokens]
-                n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-                texts.append(prefix + tokenizer.decode(resp_ids))
-                spans.append((n_prefix - 1, n_prefix + len(resp_ids)))
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            idx = order[i : i + batch_size]
+            enc = tokenizer([texts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            with contextlib.suppress(_Captured):
+                model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
             h = captured["h"]
-            for j, (a, b) in enumerate(spans):
-                b = min(b, int(enc["attention_mask"][j].sum()))
-                out.append(h[j, a:b].float().clone())
+            for k, j in enumerate(idx):
+                a, b = spans[j]
+                b = min(b, int(enc["attention_mask"][k].sum()))
+                out[j] = h[k, a:b].float().clone()
     finally:
         handle.remove()
         tokenizer.padding_side = old_side
-    return out
+    return [t for t in out if t is not None]
 
 
 def cached_response_activations(

@@ -10,7 +10,7 @@ from monitor.detectors._evaluate import GOALS, fit_sources
 from monitor.detectors._metrics import SplitMetrics
 from monitor.detectors._scoring import DetectorSet
 
-KIND_ORDER = ("sae_probe", "linear_probe", "ensemble", "conjunction", "naive_baseline", "phrase_match")
+KIND_ORDER = ("sae_probe", "linear_probe", "ensemble", "stack", "naive_baseline", "phrase_match")
 PROBE_KINDS = ("sae_probe", "linear_probe", "ensemble")
 
 INTRO = """\
@@ -34,7 +34,12 @@ How to read it:
   operator will see. A probe's threshold is calibrated at {fpr:.0%} FPR on the *out-of-fold
   scores of its fitting part's negatives*; on other sources its FPR is what the FPR@thr column
   measures (often well above {fpr:.0%}), and on ordinary traffic what the "Ordinary streams"
-  section measures.
+  section measures. The one critical detector's threshold is set on ordinary traffic instead.
+- **ECE**: expected calibration error of the probability the sidecar reports (10 equal-width bins)
+  on that split: 0 means each probability is the frequency it claims. A dash: no probability.
+- **reads**: `prompt` (only the last prompt-template token: describes the request; may warn, never
+  halt), `response` (the answer's tokens) or `prompt+response`. Only a critical detector that reads
+  the response can advise HALT; the loader refuses a bundle that marks a prompt detector critical.
 - Goals (issue 4): AUROC ≥ {val:.2f} on validation and ≥ {cross:.2f} across sources; the SAE probe
   within {gap:.2f} of the dense probe; the ensemble at least as good as both.
 
@@ -90,17 +95,21 @@ def render_model_card(
             lines.append(_fitted_line(any_spec.provenance))
         if beh in notes:
             lines.append(notes[beh].strip() + "\n")
-        lines.append("| detector | kind | aggregation | split | n (pos) | AUROC | R@1%FPR | FPR@thr | recall@thr |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append(
+            "| detector | kind | reads | aggregation | split | n (pos) | AUROC | R@1%FPR | FPR@thr | recall@thr | ECE |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         names = sorted(per_det, key=_kind_rank)
         for name in names:
             spec = spec_of.get(name)
             kind = spec.kind if spec else name.split(".", 1)[-1]
             agg = spec.aggregation if spec else "–"
+            reads = ds.reads.get(name, "–")
             for sp, m in sorted(per_det[name].items(), key=lambda kv: (kv[0] == "sample", kv[0])):
                 lines.append(
-                    f"| `{name}` | {kind} | {agg} | {sp} | {m.n} ({m.positives}) | {_fmt(m.auroc)} | "
-                    f"{_fmt(m.recall_at_1pct_fpr)} | {_fmt(m.fpr_at_threshold)} | {_fmt(m.recall_at_threshold)} |"
+                    f"| `{name}` | {kind} | {reads} | {agg} | {sp} | {m.n} ({m.positives}) | {_fmt(m.auroc)} | "
+                    f"{_fmt(m.recall_at_1pct_fpr)} | {_fmt(m.fpr_at_threshold)} | {_fmt(m.recall_at_threshold)} | "
+                    f"{_fmt(m.ece)} |"
                 )
         sae = spec_of.get(f"{beh}.sae_probe")
         if sae is not None:
@@ -124,8 +133,13 @@ def render_model_card(
 def _fitted_line(prov: Mapping[str, object]) -> str:
     """What a behaviour was fitted on, with rows borrowed from other behaviours counted apart."""
     others = ", ".join(f"`{c}`" for c in prov.get("cross_sources", []))  # type: ignore[attr-defined]
-    if prov.get("train_source") == "-":
-        return f"Score: {prov.get('rule')}. Data `{prov.get('data')}`; sources: {others}.\n"
+    if "rule" in prov:
+        return (
+            f"Score: {prov.get('rule')}. Fitted on {', '.join(f'`{x}`' for x in fit_sources(prov))} "
+            f"({prov.get('fit_rows')} rows, {prov.get('fit_positives')} positive; out-of-fold AUROC "
+            f"{prov.get('choices', {}).get('cv_auroc')}). Threshold: {prov.get('threshold')}. Data "  # type: ignore[attr-defined]
+            f"`{prov.get('data')}`; held-out sources: {others}.\n"
+        )
     negs = [str(n) for n in prov.get("negatives_from", [])]  # type: ignore[attr-defined]
     borrowed = sum(int(n.rsplit("(", 1)[1].split()[0]) for n in negs if "(" in n)
     rows = int(prov.get("fit_rows", 0))  # type: ignore[call-overload]
@@ -178,27 +192,35 @@ def write_model_card(path: Path, text: str) -> None:
 def _stream_lines(bundle: Bundle, ds: DetectorSet) -> list[str]:
     """The "Ordinary streams" section from the manifest's ``ordinary_streams`` record."""
     rec = bundle.raw.get("ordinary_streams")
-    if not rec:
-        return ["## Ordinary streams\n", "Not measured for this bundle (`python scripts/stream_rates.py`).\n"]
-    per = rec.get("detectors", {})
+    if not rec or "kinds" not in rec:
+        return ["## Ordinary streams\n", "Not measured for this bundle (`monitor train-detectors`).\n"]
+    kinds = rec["kinds"]
     out = [
         "## Ordinary streams\n",
-        f"{rec['streams']} ordinary chat generations ({rec['source']}), replayed chunk by chunk "
-        f"({rec['chunk_tokens']} tokens per chunk, decision row with the first) through the stream "
-        f"scorer behind `ScoreStream`. Measured by `{rec['command']}`. A stream *fires* a detector "
-        "when any verdict of it fires; it is *halted* when the pipeline advises HALT.\n",
-        f"- streams where any critical detector fired: {rec['any_critical_fired']:.2%} (goal ≤ 1 %)",
-        f"- streams halted: {rec['halted']:.2%}\n",
-        "| detector | critical | threshold | streams fired | streams halted by it |",
-        "|---|---|---|---|---|",
+        f"{rec['source']}, replayed chunk by chunk ({rec['chunk_tokens']} tokens per chunk, decision row "
+        f"with the first) through the stream scorer behind `ScoreStream`. Measured by `{rec['command']}`. A "
+        "stream *fires* a detector when any verdict of it fires; it is *halted* when the pipeline advises "
+        "HALT. None of these prompts was used for a fit or a threshold (those used the other half).\n",
+        f"- **HALT rate on {rec['ordinary_streams']} held-out ordinary requests (everyday + borderline-safe): "
+        f"{rec['ordinary_halted']:.2%}** (goal ≤ 0.5 %)",
+    ]
+    out += [
+        f"- {k}: {v['streams']} streams, halted {v['halted']:.2%}, any critical detector fired "
+        f"{v['any_critical_fired']:.2%}"
+        for k, v in kinds.items()
+    ]
+    names = list(kinds)
+    out += [
+        "",
+        "| detector | critical | reads | threshold | " + " | ".join(f"fired on {k}" for k in names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
     for s in ds.specs:
-        r = per.get(s.name)
-        if r is None:
+        if not any(s.name in kinds[k]["detectors"] for k in names):
             continue
+        cells = " | ".join(f"{kinds[k]['detectors'].get(s.name, float('nan')):.2%}" for k in names)
         out.append(
-            f"| `{s.name}` | {'yes' if s.critical else 'no'} | {s.threshold:.4g} | {r['fired']:.2%} | "
-            f"{r['halted']:.2%} |"
+            f"| `{s.name}` | {'yes' if s.critical else 'no'} | {ds.reads[s.name]} | {s.threshold:.4g} | {cells} |"
         )
     out.append("")
     return out

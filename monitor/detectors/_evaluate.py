@@ -19,8 +19,24 @@ from typing import Any
 import numpy as np
 import yaml
 
-from monitor.detectors._activations import DATA, LabeledRow, cached_response_activations, response_tokens
+from monitor.detectors._activations import (
+    DATA,
+    LabeledRow,
+    cached_response_activations,
+    evaluation_only_groups,
+    response_tokens,
+)
 from monitor.detectors._bundle import Bundle
+from monitor.detectors._compliance import (
+    COMPLIANCE,
+    ORDINARY_FILE,
+    REFUSAL_MEMBER,
+    REQUEST_MEMBER,
+    CompliancePart,
+    fit_compliance,
+    fitting_part,
+    ordinary_kinds,
+)
 from monitor.detectors._fit import FitConfig, fit_behaviour, is_validation
 from monitor.detectors._metrics import SplitMetrics, split_metrics
 from monitor.detectors._scoring import (
@@ -32,26 +48,35 @@ from monitor.detectors._scoring import (
     load_probe_weights,
     save_probe_weights,
 )
+from monitor.detectors._streams import CHUNK_TOKENS, replay_streams
 from monitor.text import load_lexicon
 
 # What the default bundle is fitted on: training source, and the sources kept out for the
-# cross-source test. Deception is marked critical: its ensemble firing asks streams to HALT.
+# cross-source test. Detectors are named for what they read: ``deceptive_setup`` and
+# ``harmful_request`` read only the prompt (the decision row) and may warn, never halt;
+# ``deceptive_answer`` and ``refusal`` read the answer. The one critical detector,
+# ``harmful_compliance``, is fitted on top of two of them (``_compliance``).
 RECIPES: dict[str, FitConfig] = {
-    # Deception also fits on the refusal set's rows as negatives: without them, the model's own
-    # apologetic refusals ("I'm sorry, but...") fired the deception ensemble (seen in the demo).
-    # Deception reads the decision position too: issue 12's tries (docs/model-card.md) found the
-    # response-mean probe did not transfer across sources (0.786) and the decision row did (0.953).
-    "deception": FitConfig(
-        "deception",
+    # The decision row of prompts that set the model up to deceive (issue 12: the response mean did
+    # not transfer across sources, 0.786; the decision row did). Refusal and harmful-request prompts
+    # are negatives: none asks for deception. It describes the request: not critical (issue 20).
+    "deceptive_setup": FitConfig(
+        "deceptive_setup",
         "repe",
         ("truthfulqa_roleplay",),
         ("truthfulqa",),
         pooled_sources=("gsm8k_roleplay",),
-        critical=True,
-        # refusal's prompts (harmful and harmless) and harmfulness's (role-play, confusable and
-        # short everyday requests): none asks for deception, so none may look like it
-        negatives_from=("refusal", "harmfulness"),
+        negatives_from=("refusal", "harmful_request"),
         position="decision",
+        data="deception",
+    ),
+    # The answer's tokens, on pairs in which the same context (honest or deceptive instruction) is
+    # answered both truly and falsely, so the prompt cannot tell the label (scripts/build_detector_data.py).
+    "deceptive_answer": FitConfig(
+        "deceptive_answer",
+        "repe_crossed",
+        ("truthfulqa_roleplay_crossed", "truthfulqa"),
+        pooled_sources=("gsm8k_roleplay_crossed",),
     ),
     # One probe for agreement and flattery: a flattery probe of its own did no better (issue 12).
     "sycophancy": FitConfig(
@@ -61,24 +86,17 @@ RECIPES: dict[str, FitConfig] = {
         pooled_sources=("flattery_math",),
     ),
     "refusal": FitConfig("refusal", "refusal_direction", ("hh_rlhf_tqa",)),
-    # Harmfulness reads the decision position (last prompt-template token), not the response. Pooled
-    # with labeled HH-RLHF openers of other dialogues: fitted on harm_fit alone it did not transfer
-    # to conversational requests (issue 12 tries, docs/model-card.md).
-    "harmfulness": FitConfig(
-        "harmfulness",
+    # Reads the decision row (last prompt-template token). Pooled with labeled HH-RLHF openers of
+    # other dialogues: fitted on harm_fit alone it did not transfer to conversational requests.
+    "harmful_request": FitConfig(
+        "harmful_request",
         "harm_fit",
         ("rd_val_confusable", "hh_rlhf_tqa"),
         pooled_sources=("hh_fit",),
         position="decision",
+        data="harmfulness",
     ),
 }
-# The critical behaviour built from two fitted ones: a harmful request AND no refusal in the answer.
-COMPLIANCE = "harmful_compliance"
-COMPLIANCE_MEMBERS = {"harmfulness.ensemble": 1.0, "refusal.ensemble": -1.0}
-COMPLIANCE_SOURCES = ("rd_val_confusable", "hh_rlhf_tqa")
-# P(harmful) x (1 - P(refusal)) at or above this fires; set before looking at the held-out splits
-# ("both more likely than not") and checked against ordinary streams (docs/model-card.md).
-COMPLIANCE_THRESHOLD = 0.5
 # What every default detector was fitted on (issue 12, item 5): the activations come from this
 # model file, so users of other weights of the same model should re-measure (`monitor evaluate`).
 PROVENANCE_WEIGHTS = (
@@ -109,12 +127,32 @@ class LabeledTokens:
 
 
 def load_labeled(
-    behaviour: str, hook_point: str, cache_dir: Path, load_model: Callable[[], Any], data: Path = DATA
+    behaviour: str,
+    hook_point: str,
+    cache_dir: Path,
+    load_model: Callable[[], Any],
+    data: Path = DATA,
+    files: Sequence[str] = (),
 ) -> LabeledTokens:
-    """Rows and activations of a behaviour (teacher-forced through the model, cached)."""
-    rows, acts = cached_response_activations(behaviour, hook_point, cache_dir, load_model, data=data)
+    """Rows and activations of a behaviour (teacher-forced through the model, cached), read from
+    ``files`` (stems under ``data``; default: the recipe's file, else the behaviour's name)."""
+    stems = list(files) or list(data_files(behaviour))
+    rows: list[LabeledRow] = []
+    acts: list[Any] = []
+    for stem in stems:
+        r, a = cached_response_activations(stem, hook_point, cache_dir, load_model, data=data)
+        rows += r
+        acts += a
     decision = [a[:1].float().numpy() for a in acts]
     return LabeledTokens(behaviour, rows, [response_tokens(a) for a in acts], decision)
+
+
+def data_files(behaviour: str) -> tuple[str, ...]:
+    """Stems of the labeled files a behaviour is evaluated on (``data/detectors/<stem>.jsonl``):
+    the recipe's file; for ``harmful_compliance`` its own file and the ordinary answers."""
+    if behaviour == COMPLIANCE:
+        return (COMPLIANCE, ORDINARY_FILE)
+    return (RECIPES[behaviour].data_file if behaviour in RECIPES else behaviour,)
 
 
 def split_of(
@@ -136,6 +174,13 @@ def split_of(
 def fit_sources(provenance: Mapping[str, Any]) -> list[str]:
     """The sources a shipped detector was fitted on (its training source and any pooled with it)."""
     return [str(provenance["train_source"]), *(str(s) for s in provenance.get("pooled_sources") or [])]
+
+
+def scored_sources(spec: DetectorSpec) -> tuple[list[str], list[str]]:
+    """``(fitting sources whose validation groups are scored, cross sources)`` of a detector. A stack
+    has no validation split: all its fitting rows were used (its out-of-fold AUROC is in its choices)."""
+    train = [] if spec.kind == "stack" else fit_sources(spec.provenance)
+    return train, [str(c) for c in spec.provenance["cross_sources"]]
 
 
 def sample_groups(rows: Sequence[LabeledRow], train_sources: Sequence[str], cross_sources: Sequence[str]) -> set[str]:
@@ -173,7 +218,7 @@ def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[s
     if not specs:
         return {}
     prov = specs[0].provenance
-    train, cross = fit_sources(prov), [str(c) for c in prov["cross_sources"]]
+    train, cross = scored_sources(specs[0])
     diagnostic = [str(c) for c in prov.get("diagnostic_sources", [])]
     hook = specs[0].hook_point
     mine = {s.name for s in specs}
@@ -181,21 +226,26 @@ def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[s
     scores = {k: v for k, v in everything.items() if k in mine}
     if data.behaviour == "refusal":
         scores["refusal.phrase_match"] = phrase_scores(data.rows, load_lexicon("refusal"))
-    if data.behaviour == COMPLIANCE and "harmfulness.ensemble" in everything:
-        # the naive baseline: the harmfulness probe's probability x "no refusal phrase in the answer"
-        harm = next(s for s in ds.specs if s.name == "harmfulness.ensemble")
-        p_harm = np.array([harm.probability(x) for x in everything["harmfulness.ensemble"]])
+    if data.behaviour == COMPLIANCE and REQUEST_MEMBER in everything:
+        # the naive baseline: the same harmful-request detector's probability x "no refusal phrase in the answer"
+        harm = next(s for s in ds.specs if s.name == REQUEST_MEMBER)
+        p_harm = np.array([harm.probability(x) for x in everything[REQUEST_MEMBER]])
         scores[f"{COMPLIANCE}.naive_baseline"] = p_harm * (phrase_scores(data.rows, load_lexicon("refusal")) == 0)
     splits = np.array([split_of(r, train, cross, diagnostic) or "" for r in data.rows])
     sample = sample_groups(data.rows, train, cross)
     in_sample = np.array([r.group in sample for r in data.rows])
     y = np.array([r.label for r in data.rows])
-    thresholds = {s.name: s.threshold for s in specs}
+    by_name = {s.name: s for s in specs}
     out: dict[str, dict[str, SplitMetrics]] = {}
     for name, s in scores.items():
-        thr = thresholds.get(name, 0.5)
-        per = {sp: split_metrics(y[splits == sp], s[splits == sp], thr) for sp in sorted(set(splits) - {""})}
-        per["sample"] = split_metrics(y[in_sample], s[in_sample], thr)
+        spec = by_name.get(name)
+        thr = spec.threshold if spec else 0.5
+        p = np.array([spec.probability(x) for x in s]) if spec else None
+        per = {
+            sp: split_metrics(y[splits == sp], s[splits == sp], thr, None if p is None else p[splits == sp])
+            for sp in sorted(set(splits) - {""})
+        }
+        per["sample"] = split_metrics(y[in_sample], s[in_sample], thr, None if p is None else p[in_sample])
         out[name] = per
     return out
 
@@ -210,15 +260,15 @@ def build_detectors(
     """Fit, write and evaluate the detectors of ``behaviours`` into the bundle at ``bundle_dir``.
 
     Detectors of other behaviours already in the bundle are kept as they are (weights, entry and
-    figures), so one behaviour can be refitted alone. ``harmful_compliance`` is (re)built whenever
-    both of its members are in the result.
+    figures), so one behaviour can be refitted alone; detectors of behaviours no recipe names any
+    more are dropped. ``harmful_compliance`` is refitted whenever both of its members are there.
     """
     bundle = Bundle.load(bundle_dir)
     sae = bundle.load_sae()
     hook = bundle.hook_points[0].name
     old = DetectorSet.from_bundle(bundle, sae)
     refit = set(behaviours) | {COMPLIANCE}
-    kept = [sp for sp in old.specs if sp.behaviour not in refit]
+    kept = [sp for sp in old.specs if sp.behaviour not in refit and sp.behaviour in RECIPES]
     specs: list[DetectorSpec] = list(kept)
     probes: dict[str, ProbeWeights] = {}
     if kept and bundle.path is not None:
@@ -226,6 +276,7 @@ def build_detectors(
             k: v for k, v in load_probe_weights(bundle.path / WEIGHTS_FILE).items() if k in {x.name for x in kept}
         }
     latents: set[int] = {int(i) for p in probes.values() if p.latents is not None for i in p.latents}
+    never = evaluation_only_groups()
     labeled = {}
     for beh in behaviours:
         cfg = replace(RECIPES[beh], hook_point=hook)
@@ -236,24 +287,33 @@ def build_detectors(
             extra = load_labeled(other, hook, cache_dir, load_model)
             own = RECIPES[other].train_source
             for r, t in zip(extra.rows, extra.rows_at(cfg.position), strict=True):
-                if r.source == own and not is_validation(r.group):
+                if r.source == own and not is_validation(r.group) and r.group not in never:
                     rows.append(LabeledRow(beh, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
                     tokens.append(t)
         fitted = fit_behaviour(cfg, rows, tokens, sae, log=log)
-        data_sha = hashlib.sha256((DATA / f"{beh}.jsonl").read_bytes()).hexdigest()
-        for sp in fitted.specs:
-            prov = {**sp.provenance, "data": f"data/detectors/{beh}.jsonl", "data_sha256": data_sha}
-            prov["created"] = _dt.date.today().isoformat()
-            prov["command"] = "monitor train-detectors"
-            prov["weights"] = PROVENANCE_WEIGHTS
-            specs.append(replace(sp, provenance=prov))
+        made = _made(f"data/detectors/{cfg.data_file}.jsonl")
+        made["data_sha256"] = hashlib.sha256((DATA / f"{cfg.data_file}.jsonl").read_bytes()).hexdigest()
+        specs.extend(replace(sp, provenance={**sp.provenance, **made}) for sp in fitted.specs)
         probes.update(fitted.probes)
         latents.update(fitted.latents)
     names = {sp.name for sp in specs}
-    if all(m in names for m in COMPLIANCE_MEMBERS):
-        # a threshold raised on ordinary streams (scripts/stream_rates.py) is kept
-        thr = next((sp.threshold for sp in old.specs if sp.name == COMPLIANCE), COMPLIANCE_THRESHOLD)
-        specs.append(compliance_spec(hook, max(thr, COMPLIANCE_THRESHOLD)))
+    if REQUEST_MEMBER in names and REFUSAL_MEMBER in names:
+        members = DetectorSet(specs, probes, bundle, sae)
+        refusal = labeled.get("refusal") or load_labeled("refusal", hook, cache_dir, load_model)
+        ordinary = load_labeled(COMPLIANCE, hook, cache_dir, load_model, files=(ORDINARY_FILE,))
+        part = fitting_part(
+            CompliancePart(refusal.rows, refusal.tokens, refusal.decision or []),
+            CompliancePart(ordinary.rows, ordinary.tokens, ordinary.decision or []),
+        )
+        spec, _ = fit_compliance(
+            bundle,
+            members,
+            part,
+            _made(f"data/detectors/{COMPLIANCE}.jsonl + data/detectors/{ORDINARY_FILE}.jsonl"),
+            lambda s: DetectorSet([*specs, s], probes, bundle, sae),
+            log=log,
+        )
+        specs.append(spec)
     save_probe_weights(bundle_dir / WEIGHTS_FILE, probes)
     _write_feature_reports(bundle, sorted(latents))
     write_manifest_detectors(bundle_dir, [sp.to_dict() for sp in specs])
@@ -275,35 +335,57 @@ def build_detectors(
         for name, figures in per.items()
         if name not in names
     }
-    write_manifest_detectors(bundle_dir, entries, baselines)
+    streams = None
+    if COMPLIANCE in labeled:
+        streams = ordinary_stream_rates(Bundle.load(bundle_dir), ds, labeled[COMPLIANCE])
+    write_manifest_detectors(bundle_dir, entries, baselines, streams)
     return results
 
 
-def compliance_spec(hook: str, threshold: float = COMPLIANCE_THRESHOLD) -> DetectorSpec:
-    """The critical ``harmful_compliance`` conjunction: harmful request AND no refusal in the answer."""
-    return DetectorSpec(
-        name=COMPLIANCE,
-        behaviour=COMPLIANCE,
-        kind="conjunction",
-        hook_point=hook,
-        aggregation="mean",
-        threshold=threshold,
-        target_fpr=0.01,
-        calibration=(1.0, 0.0),
-        critical=True,
-        members=dict(COMPLIANCE_MEMBERS),
-        provenance={
-            "train_source": "-",
-            "fit_rows": 0,
-            "fit_positives": 0,
-            "cross_sources": list(COMPLIANCE_SOURCES),
-            "rule": "P(harmfulness.ensemble) × (1 − P(refusal.ensemble)), nothing fitted beyond its members",
-            "threshold": f"{threshold} set a priori (both more likely than not), checked on ordinary streams",
-            "data": f"data/detectors/{COMPLIANCE}.jsonl",
-            "command": "monitor train-detectors",
-            "weights": PROVENANCE_WEIGHTS,
-        },
-    )
+def _made(data: str) -> dict[str, Any]:
+    """Provenance every fitted detector records: its data, the date, the command and the weights."""
+    return {
+        "data": data,
+        "created": _dt.date.today().isoformat(),
+        "command": "monitor train-detectors",
+        "weights": PROVENANCE_WEIGHTS,
+    }
+
+
+def ordinary_stream_rates(bundle: Bundle, ds: DetectorSet, data: LabeledTokens) -> dict[str, Any]:
+    """The share of held-out ordinary streams each detector fires on and halts, per kind of request.
+
+    The held-out half of ``data/ordinary`` (never used for a threshold or a fit), replayed as
+    ``ScoreStream`` would score it (``_streams``): everyday, borderline-safe and harmful requests.
+    """
+    kinds = ordinary_kinds()
+    idx = [i for i, r in enumerate(data.rows) if r.source == "ordinary_held_out"]
+    assert data.decision is not None
+    outcomes = replay_streams(bundle, ds, [data.tokens[i] for i in idx], [data.decision[i] for i in idx])
+    crit = {s.name for s in ds.specs if s.critical}
+    per_kind: dict[str, Any] = {}
+    for kind in ("everyday", "borderline", "harmful"):
+        mine = [o for i, o in zip(idx, outcomes, strict=True) if kinds.get(data.rows[i].group) == kind]
+        if not mine:
+            continue
+        n = len(mine)
+        per_kind[kind] = {
+            "streams": n,
+            "halted": sum(bool(o.halt) for o in mine) / n,
+            "any_critical_fired": sum(bool(o.fired & crit) for o in mine) / n,
+            "detectors": {s.name: sum(s.name in o.fired for o in mine) / n for s in ds.specs},
+        }
+    benign = [o for i, o in zip(idx, outcomes, strict=True) if kinds.get(data.rows[i].group) != "harmful"]
+    return {
+        "source": "held-out half of data/ordinary (everyday: AlpacaEval, IFEval, MT-Bench; borderline: "
+        "OR-Bench-Hard, OKTest, CoCoNot contrast; harmful: OR-Bench-Toxic), the default model's greedy "
+        "answers (vLLM, 32 tokens), teacher-forced activations",
+        "chunk_tokens": CHUNK_TOKENS,
+        "command": "monitor train-detectors (or monitor evaluate)",
+        "ordinary_streams": len(benign),
+        "ordinary_halted": sum(bool(o.halt) for o in benign) / max(len(benign), 1),
+        "kinds": per_kind,
+    }
 
 
 def evaluate_bundle(
@@ -400,11 +482,13 @@ __all__ = [
     "ProbeWeights",
     "build_detectors",
     "compare_with_manifest",
-    "compliance_spec",
+    "data_files",
     "evaluate_behaviour",
     "evaluate_bundle",
     "load_labeled",
+    "ordinary_stream_rates",
     "sample_groups",
+    "scored_sources",
     "split_of",
     "write_manifest_detectors",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from monitor.detectors._activations import evaluation_only_groups
 from monitor.detectors._metrics import auroc, threshold_at_fpr
 from monitor.detectors._scoring import AGGREGATIONS, DetectorSpec, ProbeWeights
 
@@ -59,6 +60,12 @@ class FitConfig:
     critical: bool = False
     seed: int = 0
     position: str = "response"  # "decision": rows are the one activation at the last prompt-template token
+    data: str = ""  # the labeled file data/detectors/<data>.jsonl (default: the behaviour's name)
+
+    @property
+    def data_file(self) -> str:
+        """Stem of the labeled file this behaviour is fitted and evaluated on."""
+        return self.data or self.behaviour
 
     @property
     def fit_sources(self) -> tuple[str, ...]:
@@ -199,11 +206,13 @@ def fit_behaviour(
     """Fit the sae_probe, linear_probe and ensemble for one behaviour on its training source."""
     y_all = np.array([r.label for r in rows])
     groups = np.array([r.group for r in rows])
+    never = evaluation_only_groups()
     fit_idx = np.array(
         [
             i
             for i, r in enumerate(rows)
-            if (r.source in cfg.fit_sources and not is_validation(r.group)) or r.source.startswith("negatives:")
+            if ((r.source in cfg.fit_sources and not is_validation(r.group)) or r.source.startswith("negatives:"))
+            and r.group.removeprefix("neg-") not in never
         ]
     )
     if len(fit_idx) == 0:
@@ -311,3 +320,49 @@ def fit_logistic_raw(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
     clf = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
     return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+
+
+@dataclass(frozen=True)
+class FittedStack:
+    """A logistic model on member detectors' aggregated scores (and products of pairs), with its
+    out-of-fold logits (for the Platt map and thresholds) and cross-validated AUROC."""
+
+    members: dict[str, float]
+    interactions: tuple[tuple[str, str, float], ...]
+    bias: float
+    oof_logits: np.ndarray
+    calibration: tuple[float, float]
+    cv_auroc: float
+
+
+def fit_stack(
+    scores: dict[str, np.ndarray],
+    y: np.ndarray,
+    groups: np.ndarray,
+    pairs: Sequence[tuple[str, str]] = (),
+    c: float = 1.0,
+    folds: int = 5,
+    seed: int = 0,
+) -> FittedStack:
+    """Fit how detectors combine, instead of multiplying their probabilities as if independent.
+
+    Features are the members' scores and the products of ``pairs``; L2 logistic regression on
+    standardized features, folded back to raw scores. Out-of-fold logits (grouped folds) give
+    the Platt calibration and the cross-validated AUROC.
+    """
+    names = list(scores)
+    x = np.stack([scores[n] for n in names] + [scores[a] * scores[b] for a, b in pairs], 1)
+    oof = np.zeros(len(y))
+    for f in _folds(groups, folds, seed):
+        train = np.setdiff1d(np.arange(len(y)), f)
+        w, b = fit_logistic(x[train], y[train], c)
+        oof[f] = x[f] @ w + b
+    w, b = fit_logistic(x, y, c)
+    return FittedStack(
+        members={n: float(w[i]) for i, n in enumerate(names)},
+        interactions=tuple((a, b_, float(w[len(names) + j])) for j, (a, b_) in enumerate(pairs)),
+        bias=float(b),
+        oof_logits=oof,
+        calibration=platt(oof, y),
+        cv_auroc=auroc(y, oof),
+    )

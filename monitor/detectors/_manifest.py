@@ -16,7 +16,8 @@ import numpy as np
 
 from monitor.detectors._bundle import BundleError
 
-KINDS = ("sae_probe", "linear_probe", "ensemble", "conjunction")
+KINDS = ("sae_probe", "linear_probe", "ensemble", "stack")
+COMPOSITES = ("stack",)  # kinds computed from other detectors' verdicts, not from projection columns
 POSITIONS = ("response", "decision")
 AGGREGATIONS = ("mean", "max")
 WEIGHTS_FILE = "detectors.safetensors"
@@ -29,9 +30,12 @@ class DetectorSpec:
 
     threshold: score at or above which the detector fires (set at ``target_fpr`` on held-out negatives).
     calibration: ``(slope, intercept)`` of the Platt map score -> probability.
-    members: for an ensemble, ``{member name: coefficient}``; its ``bias`` is the stack's intercept.
-        For a conjunction, ``{member name: +1 or -1}``: its score is the product of the members'
-        calibrated probabilities, ``p`` for +1 and ``1 - p`` for -1 (e.g. harmful request AND no refusal).
+    members: for an ensemble, ``{member name: coefficient}`` over the members' per-token scores; its
+        ``bias`` is the stack's intercept. For a stack, the coefficient of each member's
+        *aggregated* score in a fitted logistic model (its score is that model's logit), so two
+        detectors are combined by a fit on data, not by multiplying their probabilities.
+    interactions: for a stack, ``[member, member, coefficient]`` triples: the coefficient of the
+        product of two members' scores (how "harmful request" and "refused" combine is fitted).
     position: ``response`` (pool the response tokens) or ``decision`` (read the one row at the last
         prompt-template token, which requests carry in their ``decision`` field).
     """
@@ -52,6 +56,7 @@ class DetectorSpec:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     position: str = "response"
+    interactions: tuple[tuple[str, str, float], ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> DetectorSpec:
@@ -74,6 +79,7 @@ class DetectorSpec:
                 metrics=dict(d.get("metrics") or {}),
                 provenance=dict(d.get("provenance") or {}),
                 position=str(d.get("position", "response")),
+                interactions=tuple((str(a), str(b), float(c)) for a, b, c in (d.get("interactions") or [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
@@ -83,9 +89,11 @@ class DetectorSpec:
             raise BundleError(f"{where}.aggregation: expected one of {list(AGGREGATIONS)}, got {spec.aggregation!r}")
         if spec.position not in POSITIONS:
             raise BundleError(f"{where}.position: expected one of {list(POSITIONS)}, got {spec.position!r}")
-        if spec.kind == "conjunction" and any(v not in (1.0, -1.0) for v in spec.members.values()):
-            raise BundleError(f"{where}.members: a conjunction's members take +1 or -1, got {dict(spec.members)}")
-        if spec.kind in ("ensemble", "conjunction") and not spec.members:
+        if spec.interactions and spec.kind != "stack":
+            raise BundleError(f"{where}.interactions: only a stack has interactions, this is a {spec.kind}")
+        if any(a not in spec.members or b not in spec.members for a, b, _ in spec.interactions):
+            raise BundleError(f"{where}.interactions: each pair must name two of the members {sorted(spec.members)}")
+        if spec.kind in ("ensemble", "stack") and not spec.members:
             raise BundleError(f"{where}.members: expected at least one member for an ensemble, got none")
         if spec.ema_halflife_tokens <= 0:
             raise BundleError(f"{where}.ema_halflife_tokens: expected > 0, got {spec.ema_halflife_tokens}")
@@ -108,19 +116,17 @@ class DetectorSpec:
         }
         if self.position != "response":
             d["position"] = self.position
-        if self.kind == "ensemble":
+        if self.kind in ("ensemble", "stack"):
             d["members"] = dict(self.members)
             d["bias"] = self.bias
-        if self.kind == "conjunction":
-            d["members"] = dict(self.members)
+        if self.interactions:
+            d["interactions"] = [list(t) for t in self.interactions]
         d["metrics"] = dict(self.metrics)
         d["provenance"] = dict(self.provenance)
         return d
 
     def probability(self, score: float) -> float:
-        """Calibrated probability of the behaviour for an aggregated score (a conjunction's score is one)."""
-        if self.kind == "conjunction":
-            return score
+        """Calibrated probability of the behaviour for an aggregated score (Platt, fitted on out-of-fold scores)."""
         z = self.calibration[0] * score + self.calibration[1]
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 

@@ -65,13 +65,38 @@ class SplitMetrics:
     recall_at_1pct_fpr: float
     fpr_at_threshold: float  # with the bundle's shipped threshold
     recall_at_threshold: float
+    ece: float = float("nan")  # expected calibration error of the reported probability (NaN: none reported)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def split_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> SplitMetrics:
-    """All figures the model card reports for one (detector, split)."""
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """ECE: the mean over equal-width probability bins of |observed rate - mean probability|,
+    weighted by the bin's share of rows (0 = every probability is the frequency it claims).
+
+    >>> round(expected_calibration_error(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])), 3)
+    0.0
+    >>> round(expected_calibration_error(np.array([0, 0, 0, 0]), np.array([0.9, 0.9, 0.1, 0.1])), 3)
+    0.5
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    if len(y) == 0:
+        return float("nan")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            total += m.sum() / len(y) * abs(y[m].mean() - p[m].mean())
+    return float(total)
+
+
+def split_metrics(
+    labels: np.ndarray, scores: np.ndarray, threshold: float, probabilities: np.ndarray | None = None
+) -> SplitMetrics:
+    """All figures the model card reports for one (detector, split); ECE when probabilities are given."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     fired = s >= threshold
@@ -82,4 +107,5 @@ def split_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> S
         recall_at_1pct_fpr=recall_at_fpr(y, s, 0.01),
         fpr_at_threshold=float(fired[~y].mean()) if (~y).any() else float("nan"),
         recall_at_threshold=float(fired[y].mean()) if y.any() else float("nan"),
+        ece=float("nan") if probabilities is None else expected_calibration_error(y, probabilities),
     )

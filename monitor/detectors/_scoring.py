@@ -24,6 +24,7 @@ import numpy as np
 from monitor.detectors._bundle import Bundle, BundleError
 from monitor.detectors._manifest import (
     AGGREGATIONS,
+    COMPOSITES,
     FEATURES_FILE,
     WEIGHTS_FILE,
     DetectorSpec,
@@ -48,6 +49,7 @@ __all__ = [
     "ProbeWeights",
     "RunningScores",
     "save_probe_weights",
+    "stack_logit",
 ]
 
 
@@ -78,6 +80,12 @@ class DetectorResult:
     top_features: tuple[Contribution, ...]
     tokens: int = 0  # tokens the verdict rests on
     halt_min_tokens: int = 8  # a stream may only be halted by this detector after this many tokens
+    reads: str = "response"  # "prompt" (the decision row only), "response", or "prompt+response"
+
+    @property
+    def reads_answer(self) -> bool:
+        """Whether the verdict rests on the answer's tokens: only such a detector may halt a stream."""
+        return "response" in self.reads
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class LinearDetector:
                 )
         contribs.sort(key=lambda c: -c.contribution)
         return DetectorResult(
+            reads="prompt" if spec.position == "decision" else "response",
             name=spec.name,
             behaviour=spec.behaviour,
             kind=spec.kind,
@@ -252,7 +261,7 @@ class RunningScores:
             means = self.latent_sums[det.spec.hook_point] / n
             recent = self.ema[i] / (1.0 - (1.0 - self.alpha[i]) ** self.count[i])
             out.append(det.result(float(score), float(recent), means, n, self._d.reports))
-        return out + self._d._conjunctions(out)
+        return out + self._d._stacks(out)
 
 
 class DetectorSet:
@@ -277,14 +286,21 @@ class DetectorSet:
         by_name = {s.name: s for s in self.specs}
         self.projections: dict[str, HookProjection] = {}
         self.runtime: list[LinearDetector] = []
-        self.conjunctions = [s for s in self.specs if s.kind == "conjunction"]
-        for c in self.conjunctions:
+        self.stacks = [s for s in self.specs if s.kind in COMPOSITES]
+        for c in self.stacks:
             for m in c.members:
-                if m not in by_name or by_name[m].kind == "conjunction":
+                if m not in by_name or by_name[m].kind in COMPOSITES:
                     raise BundleError(f"detector {c.name}: member {m!r} is not a probe or ensemble of this bundle")
+        self.reads = {s.name: _reads(s, by_name) for s in self.specs}
+        for s in self.specs:
+            if s.critical and "response" not in self.reads[s.name]:
+                raise BundleError(
+                    f"detector {s.name}: critical, but it reads only the prompt (the decision row): a prompt "
+                    "detector describes the request and may warn, never halt; set critical: false"
+                )
         arrays = _sae_arrays(sae)
         for hp in bundle.hook_points:
-            mine = [s for s in self.specs if s.hook_point == hp.name and s.kind != "conjunction"]
+            mine = [s for s in self.specs if s.hook_point == hp.name and s.kind not in COMPOSITES]
             if not mine:
                 continue
             latents = sorted(
@@ -362,47 +378,41 @@ class DetectorSet:
                 run.update_decision(hook_point, dfeats)
         return run.results()
 
-    def _conjunctions(self, results: Sequence[DetectorResult]) -> list[DetectorResult]:
-        """Conjunction verdicts from their members' (reported only when every member reported).
+    def _stacks(self, results: Sequence[DetectorResult]) -> list[DetectorResult]:
+        """Stack verdicts from their members' aggregated scores (reported only when every member reported).
 
-        The running score uses the members' probabilities; the recent score uses each response
-        member's recent score, so a stream can halt on a late turn as with any detector. The top
-        latents are the positive members' (the evidence that the behaviour is there); tokens are
-        the response members' (how much of the answer the verdict rests on).
+        The score is the fitted logistic model's logit on the members' scores; the recent score is
+        the same model on each member's recent score, so a stream can halt on a late turn as with
+        any detector. The top latents are those of the members with a positive coefficient (the
+        evidence for the behaviour); tokens are the response members' (how much of the answer the
+        verdict rests on).
         """
         by_name = {r.name: r for r in results}
-        spec_of = {s.name: s for s in self.specs}
         out = []
-        for c in self.conjunctions:
-            rs = [by_name.get(m) for m in c.members]
-            if any(r is None for r in rs):
+        for c in self.stacks:
+            rs = {m: by_name.get(m) for m in c.members}
+            if any(r is None for r in rs.values()):
                 continue
-            score = recent = 1.0
-            tokens = 0
-            feats: list[Contribution] = []
-            for (m, sign), r in zip(c.members.items(), rs, strict=True):
-                assert r is not None
-                p, p_recent = r.probability, spec_of[m].probability(r.recent_score)
-                score *= p if sign > 0 else 1.0 - p
-                recent *= p_recent if sign > 0 else 1.0 - p_recent
-                if spec_of[m].position == "response":
-                    tokens = max(tokens, r.tokens)
-                if sign > 0:
-                    feats.extend(r.top_features)
+            now = {m: r.score for m, r in rs.items() if r is not None}
+            recent = {m: r.recent_score for m, r in rs.items() if r is not None}
+            tokens = max((r.tokens for r in rs.values() if r is not None and r.reads_answer), default=0)
+            feats = [f for m, r in rs.items() if r is not None and c.members[m] > 0 for f in r.top_features]
+            score = stack_logit(c, now)
             out.append(
                 DetectorResult(
                     name=c.name,
                     behaviour=c.behaviour,
                     kind=c.kind,
                     score=score,
-                    recent_score=recent,
-                    probability=score,
+                    recent_score=stack_logit(c, recent),
+                    probability=c.probability(score),
                     threshold=c.threshold,
                     fired=score >= c.threshold,
                     critical=c.critical,
                     top_features=tuple(sorted(feats, key=lambda f: -f.contribution)[:3]),
                     tokens=tokens,
                     halt_min_tokens=c.halt_min_tokens,
+                    reads=self.reads[c.name],
                 )
             )
         return out
@@ -421,6 +431,21 @@ class DetectorSet:
     def token_scores(self, name: str, feats: np.ndarray) -> np.ndarray:
         """Per-token scores of detector ``name`` on feature rows (used by evaluation and tests)."""
         return self.detector(name).token_scores(feats)
+
+
+def stack_logit(spec: DetectorSpec, scores: Mapping[str, float]) -> float:
+    """A stack's logit: bias + sum of coefficient x member score + sum of coefficient x product of two."""
+    z = spec.bias + sum(coef * scores[m] for m, coef in spec.members.items())
+    return float(z + sum(coef * scores[a] * scores[b] for a, b, coef in spec.interactions))
+
+
+def _reads(spec: DetectorSpec, by_name: Mapping[str, DetectorSpec]) -> str:
+    """What a detector's verdict rests on: ``prompt`` (decision row), ``response`` or ``prompt+response``."""
+    if spec.kind in COMPOSITES:
+        parts = {_reads(by_name[m], by_name) for m in spec.members if m in by_name}
+        has_p, has_r = any("prompt" in p for p in parts), any("response" in p for p in parts)
+        return "prompt+response" if has_p and has_r else ("prompt" if has_p else "response")
+    return "prompt" if spec.position == "decision" else "response"
 
 
 def _sae_arrays(sae: Any) -> tuple[SAEConfig, Mapping[str, np.ndarray]] | None:

@@ -147,7 +147,7 @@ def catalog(bundle: Bundle, limits: Limits, detectors: DetectorSet) -> pb.Detect
     dtypes = [pb.DType.Name(int(d)) for d in DType]
     infos = []
     for s in detectors.specs:
-        lat = [int(i) for i in detectors.detector(s.name).latent_ids] if s.kind != "conjunction" else []
+        lat = [int(i) for i in detectors.detector(s.name).latent_ids] if s.kind != "stack" else []
         infos.append(
             pb.DetectorInfo(
                 name=s.name,

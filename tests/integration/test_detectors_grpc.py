@@ -16,7 +16,7 @@ import pytest
 from monitor.client import Generation, MonitorClient
 from monitor.detectors import Bundle, DetectorSet
 from monitor.detectors._activations import LabeledRow, load_rows, response_activations, response_tokens
-from monitor.detectors._evaluate import fit_sources, sample_groups
+from monitor.detectors._evaluate import data_files, sample_groups, scored_sources
 from monitor.detectors._manifest import KINDS
 from monitor.detectors._metrics import auroc
 from monitor.models import load_default_model
@@ -40,8 +40,8 @@ def fixed_sample(bundle: Bundle) -> Sample:
     out: Sample = {}
     for beh in sorted({s.behaviour for s in ds.specs}):
         spec = next(s for s in ds.specs if s.behaviour == beh)
-        rows = load_rows(beh)
-        keep = sample_groups(rows, fit_sources(spec.provenance), spec.provenance["cross_sources"])
+        rows = [r for stem in data_files(beh) for r in load_rows(stem)]
+        keep = sample_groups(rows, *scored_sources(spec))
         rows = [r for r in rows if r.group in keep]
         acts = response_activations(model, tok, rows, spec.hook_point, progress=False)
         out[beh] = (rows, [response_tokens(a) for a in acts], [a[:1].numpy() for a in acts])
@@ -51,18 +51,24 @@ def fixed_sample(bundle: Bundle) -> Sample:
 def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
     ds = DetectorSet.from_bundle(bundle)
     kinds = {(s.behaviour, s.kind) for s in ds.specs}
-    probes = ("deception", "sycophancy", "refusal", "harmfulness")
+    probes = ("deceptive_setup", "deceptive_answer", "sycophancy", "refusal", "harmful_request")
     assert kinds == {(b, k) for b in probes for k in ("sae_probe", "linear_probe", "ensemble")} | {
-        ("harmful_compliance", "conjunction")
+        ("harmful_compliance", "stack")
     }
     assert {s.name for s in ds.specs if s.position == "decision"} == {
-        f"{b}.{k}" for b in ("harmfulness", "deception") for k in KINDS[:3]
+        f"{b}.{k}" for b in ("harmful_request", "deceptive_setup") for k in KINDS[:3]
     }
+    # the one critical detector reads the answer; no prompt-only detector is critical
+    assert {s.name for s in ds.specs if s.critical} == {"harmful_compliance"}
+    assert ds.reads["harmful_compliance"] == "prompt+response"
     compliance = next(s for s in ds.specs if s.name == "harmful_compliance")
-    assert compliance.critical and dict(compliance.members) == {"harmfulness.ensemble": 1.0, "refusal.ensemble": -1.0}
+    assert set(compliance.members) == {"harmful_request.ensemble", "refusal.ensemble"}
+    assert compliance.members["harmful_request.ensemble"] > 0 and compliance.interactions
     for s in ds.specs:
-        assert s.target_fpr == 0.01 and "sample" in s.metrics
-        assert "validation" in s.metrics or s.kind == "conjunction"  # a conjunction has no fitting source
+        assert "sample" in s.metrics
+        assert "validation" in s.metrics or s.kind == "stack"  # a stack is scored out-of-fold, on other sources
+        if s.kind != "stack":
+            assert s.target_fpr == 0.01
     for d in ds.runtime:  # at most 32 SAE latents per SAE probe
         if d.spec.kind == "sae_probe":
             assert 0 < d.n_latent_cols <= 32
@@ -119,8 +125,8 @@ def test_projected_mode_matches_full_activations(sidecar: ServerThread, fixed_sa
         hp = catalog.hook_points[0]
         assert hp.encoder_slice is not None
         sl = hp.encoder_slice
-        assert len(sl.latent_ids) <= 4 * 32 and sl.dense_columns == 4 and sl.width == len(sl.latent_ids) + 4
-        assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble", "conjunction"}
+        assert len(sl.latent_ids) <= 5 * 32 and sl.dense_columns == 5 and sl.width == len(sl.latent_ids) + 5
+        assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble", "stack"}
         for i in range(4):
             full = client.score(
                 Generation(f"f{i}", MODEL, activations={hp.name: tokens[i]}, decision={hp.name: decision[i]})

@@ -46,7 +46,7 @@ def test_length_drift_raises_the_alarm_and_a_change_point(tmp_path: Path) -> Non
     assert sample(m, "safety_monitor_drift", metric="text.words", test="wasserstein") > 200
     assert sample(m, "safety_monitor_drift_change_points_total", metric="text.words", direction="up") >= 1
     # every detector's probability and fire rate is tracked too
-    assert sample(m, "safety_monitor_drift_reference_events", metric="detector.deception.ensemble.fired") == REF
+    assert sample(m, "safety_monitor_drift_reference_events", metric="detector.deceptive_setup.ensemble.fired") == REF
     assert sample(m, "safety_monitor_text_statistic_count", stat="words") == REF + 200
 
 

@@ -86,13 +86,18 @@ def test_chat_completion_is_scored_and_audited(stack: tuple[ServerThread, Refere
     monitored = resp["safety_monitor"]
     assert monitored["request_id"] == resp["id"] and not monitored["halted"] and not monitored["error"]
     rec = audit_line(audit, resp["id"])
-    assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 13
+    assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 16
     assert "harmful_compliance" in rec["detectors"]  # the decision row travelled with the first chunk
     assert rec["text_stats"]["output_chars"] == len(text)
     m = sidecar.metrics()
     assert sample(m, "safety_monitor_generations_scored_total", rpc="ScoreStream") == 1
     assert (
-        sample(m, "safety_monitor_detector_probability_count", detector="deception.ensemble", behaviour="deception")
+        sample(
+            m,
+            "safety_monitor_detector_probability_count",
+            detector="deceptive_setup.ensemble",
+            behaviour="deceptive_setup",
+        )
         == 1
     )
     # the response tokens were scored: generated tokens minus the last one (never fed back)
@@ -133,7 +138,7 @@ def test_halt_advice_stops_generation(tmp_path: Path, model: tuple[Any, Any]) ->
         sidecar.stop()
     choice = resp["choices"][0]
     assert choice["finish_reason"] == "content_filter"
-    assert resp["safety_monitor"]["halted"] and "deception.ensemble fired" in resp["safety_monitor"]["halt_reason"]
+    assert resp["safety_monitor"]["halted"] and "harmful_compliance fired" in resp["safety_monitor"]["halt_reason"]
     assert resp["usage"]["completion_tokens"] < 16  # stopped within a few chunks, not at max_tokens
 
 

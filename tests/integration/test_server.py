@@ -43,10 +43,10 @@ def test_score_round_trip(sidecar: ServerThread) -> None:
     assert hs.mean_l2_norm == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-6)
     assert reply.text_stats["words"] == 3
     assert reply.server_seconds > 0
-    # 6: the response detectors (sycophancy, refusal); without a decision row the deception and
-    # harmfulness detectors and harmful_compliance stay silent
-    assert len(reply.detectors) == 6 and reply.flagged == any(d.fired for d in reply.detectors)
-    assert {d.behaviour for d in reply.detectors} == {"sycophancy", "refusal"}
+    # 9: the detectors that read the answer (deceptive_answer, sycophancy, refusal); without a
+    # decision row the prompt detectors (deceptive_setup, harmful_request) and harmful_compliance stay silent
+    assert len(reply.detectors) == 9 and reply.flagged == any(d.fired for d in reply.detectors)
+    assert {d.behaviour for d in reply.detectors} == {"deceptive_answer", "sycophancy", "refusal"}
 
 
 def test_score_stream_round_trip(sidecar: ServerThread) -> None:
@@ -84,16 +84,17 @@ def test_get_detectors_describes_bundle(sidecar: ServerThread) -> None:
         cat = client.get_detectors()
     assert cat.model == MODEL and cat.bundle_name == "smollm2-135m-default"
     assert [(h.name, h.d_model, h.max_tokens) for h in cat.hook_points] == [(HOOK, 576, 8192)]
-    assert len(cat.detectors) == 13
+    assert len(cat.detectors) == 16
     assert {d.behaviour for d in cat.detector_infos} == {
-        "deception",
+        "deceptive_setup",
+        "deceptive_answer",
         "sycophancy",
         "refusal",
-        "harmfulness",
+        "harmful_request",
         "harmful_compliance",
     }
     sl = cat.hook_points[0].encoder_slice
-    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 4
+    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 5
 
 
 def test_health_serving_and_reflection(sidecar: ServerThread) -> None:

@@ -78,10 +78,10 @@ def test_drift_state_from_another_bundle_keeps_text_and_restarts_detector_refere
     first = SidecarServer(config(drift_state=str(state)))
     assert first.drift.bundle == first.bundle.identity != ""
     for i in range(30):
-        first.drift.update({"text.words": float(i % 7), "detector.deception.ensemble.probability": 0.01})
+        first.drift.update({"text.words": float(i % 7), "detector.deceptive_setup.ensemble.probability": 0.01})
     first.save_drift()
     again = SidecarServer(config(drift_state=str(state)))  # same bundle: everything restored
-    assert set(again.drift.metrics) == {"text.words", "detector.deception.ensemble.probability"}
+    assert set(again.drift.metrics) == {"text.words", "detector.deceptive_setup.ensemble.probability"}
     swapped_bundle = always_firing_bundle(tmp_path)  # other thresholds: another identity
     swapped = SidecarServer(config(drift_state=str(state), bundle=str(swapped_bundle)))
     assert swapped.bundle.identity not in ("", first.bundle.identity)

@@ -132,6 +132,6 @@ def test_the_decision_row_is_sent_once_and_read_by_the_decision_detectors(sideca
         assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in want) < 1e-6
         # the decision detectors run only on a decision row: the streamed verdict has them
         decision_only = set(want) - {d.detector for d in without.detectors}
-        assert {"harmfulness.ensemble", "harmful_compliance"} <= decision_only <= set(got)
+        assert {"harmful_request.ensemble", "harmful_compliance"} <= decision_only <= set(got)
     finally:
         streams.close()

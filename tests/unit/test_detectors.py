@@ -190,13 +190,16 @@ def test_metrics_agree_with_sklearn() -> None:
     assert perfect == 1.0
 
 
+STACK = {"members": {"d.harm": 1.5, "d.lin": -0.8}, "bias": -0.3, "interactions": [["d.harm", "d.lin", -0.4]]}
+
+
 def _decision_bundle(folder: Path) -> Bundle:
-    """d.lin reads the response; d.harm reads the decision row; d.comp = d.harm AND NOT d.lin."""
+    """d.lin reads the response; d.harm reads the decision row; d.comp is a stack fitted on both."""
     entries = [
         _entry("d.lin", "linear_probe", "mean"),
-        {**_entry("d.harm", "linear_probe", "mean"), "behaviour": "harmfulness", "position": "decision"},
+        {**_entry("d.harm", "linear_probe", "mean"), "behaviour": "harmful_request", "position": "decision"},
         {
-            **_entry("d.comp", "conjunction", "mean", members={"d.harm": 1, "d.lin": -1}, critical=True),
+            **_entry("d.comp", "stack", "mean", critical=True, **STACK),
             "behaviour": "harmful_compliance",
             "threshold": 0.5,
             "halt_min_tokens": 4,
@@ -210,20 +213,22 @@ def _decision_bundle(folder: Path) -> Bundle:
     return Bundle.load(folder)
 
 
-def test_decision_row_feeds_prompt_detectors_and_the_conjunction(tmp_path: Path) -> None:
+def test_decision_row_feeds_prompt_detectors_and_the_stack(tmp_path: Path) -> None:
     bundle = _decision_bundle(tmp_path)
     ds = DetectorSet.from_bundle(bundle)
     x = rng.normal(size=(6, D)).astype(np.float32)
     dec = rng.normal(size=(1, D)).astype(np.float32) * 3
     without = {r.name: r for r in ds.score(HOOK, x)}
-    assert set(without) == {"d.lin"}  # no decision row: the prompt detector and the conjunction stay silent
+    assert set(without) == {"d.lin"}  # no decision row: the prompt detector and the stack stay silent
     got = {r.name: r for r in ds.score(HOOK, x, decision=dec)}
     harm = float(dec[0] @ LIN_W[::-1] + 0.2)
     assert got["d.harm"].score == pytest.approx(harm, rel=1e-5)
-    p_harm = 1 / (1 + np.exp(-(2 * harm - 0.5)))
-    p_lin = 1 / (1 + np.exp(-(2 * got["d.lin"].score - 0.5)))
-    assert got["d.comp"].score == pytest.approx(p_harm * (1 - p_lin), rel=1e-5)
-    assert got["d.comp"].tokens == 6 and got["d.comp"].fired == (got["d.comp"].score >= 0.5)
+    lin = float((x @ LIN_W - 0.1).mean())
+    logit = -0.3 + 1.5 * harm - 0.8 * lin - 0.4 * harm * lin  # the fitted model on the members' scores
+    assert got["d.comp"].score == pytest.approx(logit, rel=1e-5)
+    assert got["d.comp"].probability == pytest.approx(1 / (1 + np.exp(-(2 * logit - 0.5))), rel=1e-6)
+    assert got["d.comp"].tokens == 6 and got["d.comp"].fired == (logit >= 0.5)
+    assert (got["d.harm"].reads, got["d.lin"].reads, got["d.comp"].reads) == ("prompt", "response", "prompt+response")
     # the same through the pipeline, on Score and on a stream (decision row with the first chunk)
     p = Pipeline(bundle, detectors=ds)
     r = p.score(
@@ -248,30 +253,39 @@ def test_decision_row_feeds_prompt_detectors_and_the_conjunction(tmp_path: Path)
     assert {d.name: d.score for d in v.detectors}["d.comp"] == pytest.approx(got["d.comp"].score, rel=1e-6)
 
 
-def test_critical_decision_detector_halts_once_the_answer_is_under_way(tmp_path: Path) -> None:
-    """A critical prompt detector fires on the first chunk but halts only after halt_min_tokens
-    response tokens: the stream is stopped while answering, not before the answer starts."""
-    entries = [
-        {
-            **_entry("d.intent", "linear_probe", "mean"),
-            "position": "decision",
-            "critical": True,
-            "threshold": -1e9,  # fires on any decision row
-            "halt_min_tokens": 4,
-        }
-    ]
+def test_a_critical_prompt_detector_is_refused_at_load(tmp_path: Path) -> None:
+    """A detector that reads only the decision row describes the request: it may warn, never halt."""
+    entries = [{**_entry("d.intent", "linear_probe", "mean"), "position": "decision", "critical": True}]
     write_bundle(tmp_path, entries)
     save_probe_weights(tmp_path / "detectors.safetensors", {"d.intent": ProbeWeights(LIN_W, 0.0)})
+    with pytest.raises(BundleError, match=r"d\.intent: critical, but it reads only the prompt"):
+        DetectorSet.from_bundle(Bundle.load(tmp_path))
+
+
+def test_a_firing_prompt_detector_never_halts_but_the_stack_reading_the_answer_does(tmp_path: Path) -> None:
+    """The prompt detector fires on the first chunk and the stream goes on; the stack (which reads
+    the answer) halts, and only once halt_min_tokens response tokens are in."""
+    _decision_bundle(tmp_path)
+    raw = yaml.safe_load((tmp_path / "bundle.yaml").read_text())
+    raw["detectors"][1]["threshold"] = -1e9  # d.harm fires on any decision row
+    raw["detectors"][2]["threshold"] = -1e9  # d.comp fires whatever it reads
+    (tmp_path / "bundle.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     p = Pipeline(Bundle.load(tmp_path))
     x = rng.normal(size=(6, D)).astype(np.float32)
     dec = [ActivationInput(HOOK, encode(rng.normal(size=(1, D)).astype(np.float32)))]
     stream = p.open_stream()
     v1 = stream.update(ChunkInput("s", "tiny-model", activations=[ActivationInput(HOOK, encode(x[:2]))], decision=dec))
-    first = next(d for d in v1.detectors if d.name == "d.intent")
-    assert first.fired and first.tokens == 2 and not v1.halt  # fired, but only 2 response tokens in
+    by = {d.name: d for d in v1.detectors}
+    assert by["d.harm"].fired and by["d.comp"].fired and by["d.comp"].tokens == 2 and not v1.halt
     v2 = stream.update(ChunkInput("s", activations=[ActivationInput(HOOK, encode(x[2:]))], final=True))
-    assert v2.halt and v2.halted_now and "d.intent fired" in v2.reason
-    assert next(d for d in v2.detectors if d.name == "d.intent").tokens == 6
+    assert v2.halt and v2.halted_now and v2.reason.startswith("d.comp fired")
+    # with the stack gone, the firing prompt detector alone never halts
+    del raw["detectors"][2]
+    (tmp_path / "bundle.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    stream = Pipeline(Bundle.load(tmp_path)).open_stream()
+    stream.update(ChunkInput("s", "tiny-model", activations=[ActivationInput(HOOK, encode(x[:3]))], decision=dec))
+    v = stream.update(ChunkInput("s", activations=[ActivationInput(HOOK, encode(x[3:]))], final=True))
+    assert next(d for d in v.detectors if d.name == "d.harm").fired and not v.halt
 
 
 @pytest.mark.parametrize(
