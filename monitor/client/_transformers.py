@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.architectures import check_hook_points, decoder_layers
 from monitor.client._errors import ClientError
 from monitor.client._sync import MonitorClient
 from monitor.client._types import ChunkVerdict, EncoderSlice
-from monitor.hook_points import layer_of
 
 _END = object()
 
@@ -107,7 +107,8 @@ class _Session:
 class GenerationMonitor:
     """Streams a transformers model's residual stream to the sidecar while it generates.
 
-    model: a Llama-style transformers causal LM (decoder layers in ``model.model.layers``).
+    model: a transformers causal LM of a family in ``monitor.architectures`` (Llama, Mistral,
+        Qwen2, Qwen3, Gemma2, Gemma3 text); its decoder layers are found by family.
     hook_points: ``blocks.L.hook_resid_post`` names (the catalog's hook points).
     encoder_slices: optional hook point -> ``EncoderSlice`` from the catalog. When given, the
         projection runs on the model's device and K values per token are shipped (projected mode).
@@ -133,11 +134,8 @@ class GenerationMonitor:
         self.client = client
         self.model_id = model_id
         self.hook_points = list(hook_points)
-        self.layers = {hp: layer_of(hp) for hp in self.hook_points}
-        n_layers = len(model.model.layers)
-        for hp, idx in self.layers.items():
-            if not 0 <= idx < n_layers:
-                raise ValueError(f"hook_points: {hp!r} names layer {idx}, the model has 0..{n_layers - 1}")
+        self.layers = dict(zip(self.hook_points, check_hook_points(model.config, self.hook_points), strict=True))
+        self._blocks = decoder_layers(model)
         self.encoder_slices = dict(encoder_slices or {})
         if self.encoder_slices and set(self.encoder_slices) != set(self.hook_points):
             raise ValueError("encoder_slices: expected one slice per hook point (projected mode covers all of them)")
@@ -198,9 +196,7 @@ class GenerationMonitor:
         criteria = list(generate_kwargs.pop("stopping_criteria", None) or [])
         if self.halt_on_advice:
             criteria.append(_Halt())
-        handles = [
-            self.model.model.layers[self.layers[hp]].register_forward_hook(make_hook(hp)) for hp in self.hook_points
-        ]
+        handles = [self._blocks[self.layers[hp]].register_forward_hook(make_hook(hp)) for hp in self.hook_points]
         try:
             out = self.model.generate(input_ids, stopping_criteria=StoppingCriteriaList(criteria), **generate_kwargs)
         except BaseException:

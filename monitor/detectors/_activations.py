@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from monitor.hook_points import layer_of
+from monitor.architectures import decoder_layer
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "detectors"
 
@@ -77,7 +77,7 @@ def response_activations(
     Rows are batched in order of length (little padding) and the forward pass stops at the hook
     point's layer; the result is in the rows' order.
     """
-    layer = model.model.layers[layer_of(hook_point)]
+    layer = decoder_layer(model, hook_point)
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module: Any, inputs: Any, output: Any) -> None:

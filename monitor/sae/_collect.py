@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from monitor.architectures import check_chat_template, check_hook_points, decoder_layers
 from monitor.hook_points import layer_of
 from monitor.sae._config import DEFAULT_CORPUS, SAEError
 
@@ -119,6 +120,8 @@ def _batches(convs: list[dict[str, Any]], start: int, size: int) -> Iterator[tup
 
 def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, progress: bool = True) -> Path:
     """Collect activations into ``out`` (resuming a partial run there); returns ``out``."""
+    check_hook_points(model.config, cfg.hook_points)  # one-line errors before the long run
+    check_chat_template(tokenizer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / MANIFEST
@@ -136,7 +139,7 @@ def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, 
     convs = load_conversations(cfg.corpus)
     layers = {hp: layer_of(hp) for hp in cfg.hook_points}
     last = max(layers.values())
-    blocks = model.model.layers
+    blocks = decoder_layers(model)
     captured: dict[str, torch.Tensor] = {}
 
     def make_hook(hp: str, stop: bool) -> Any:

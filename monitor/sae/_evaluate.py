@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from monitor.hook_points import layer_of
+from monitor.architectures import check_hidden_size, decoder_layer
 from monitor.sae._base import SAE
 from monitor.sae._collect import _system_prefix_tokens, encode_conversations, keep_mask
 
@@ -49,7 +49,8 @@ def spliced_lm_loss(
     progress: bool = True,
 ) -> SpliceReport:
     """CE loss of ``model`` on ``conversations`` clean / SAE-spliced / zero-ablated at ``sae.cfg.hook_point``."""
-    layer = model.model.layers[layer_of(sae.cfg.hook_point)]
+    check_hidden_size(model.config, sae.cfg.d_in, "sae d_in")
+    layer = decoder_layer(model, sae.cfg.hook_point)
     special = set(tokenizer.all_special_ids)
     prefix = _system_prefix_tokens(tokenizer)
     mode: dict[str, Any] = {"kind": "clean", "mask": None}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor.architectures import ArchitectureError
 from monitor.integrations.vllm import AdapterSettings, engine_config, vllm_layer_ids
 from monitor.integrations.vllm._settings import CONNECTOR_NAME, external_id
 
@@ -51,6 +52,21 @@ def test_engine_config_uses_vllm_layer_ids() -> None:
     assert cfg["kv_transfer_config"]["kv_connector_extra_config"]["sidecar"] == "h:1"
     with pytest.raises(ValueError, match="hook_points"):
         engine_config(AdapterSettings(sidecar="h:1"))
+
+
+def test_engine_config_orders_hook_points_as_vllm_returns_them_and_checks_the_family() -> None:
+    """vLLM sorts and de-duplicates the aux layer ids and stacks the rows in that order; the
+    connector indexes the rows by its hook_points, so both must be in ascending layer order."""
+    hps = ("blocks.20.hook_resid_post", "blocks.3.hook_resid_post", "blocks.20.hook_resid_post")
+    cfg = engine_config(AdapterSettings(sidecar="h:1", hook_points=hps), "Qwen2ForCausalLM")
+    assert cfg["speculative_config"]["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [4, 21]
+    extra = cfg["kv_transfer_config"]["kv_connector_extra_config"]
+    assert extra["hook_points"] == ["blocks.3.hook_resid_post", "blocks.20.hook_resid_post"]
+    assert vllm_layer_ids(["blocks.3.hook_resid_post"], "MistralForCausalLM") == [4]
+    with pytest.raises(ArchitectureError, match=r"^architecture 'Gemma2ForCausalLM': vLLM 0\.32's native"):
+        engine_config(AdapterSettings(sidecar="h:1", hook_points=hps), "Gemma2ForCausalLM")
+    with pytest.raises(ArchitectureError, match=r"^architecture 'PhiForCausalLM': expected one of LlamaForCausalLM"):
+        vllm_layer_ids(["blocks.3.hook_resid_post"], "PhiForCausalLM")
 
 
 def test_external_id_strips_only_the_engine_suffix() -> None:

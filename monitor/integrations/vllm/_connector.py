@@ -42,7 +42,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from monitor.integrations.vllm._settings import HALT_STOP_REASON, AdapterSettings, external_id, wait_for_catalog
+from monitor.architectures import check_hidden_size
+from monitor.integrations.vllm._settings import (
+    HALT_STOP_REASON,
+    AdapterSettings,
+    check_engine_model,
+    external_id,
+    wait_for_catalog,
+)
 from monitor.integrations.vllm._streams import SidecarStreams
 
 if TYPE_CHECKING:
@@ -100,6 +107,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 "rows that this connector streams); use monitor.integrations.vllm.engine_config()"
             )
         self.settings = AdapterSettings.from_sources(self._kv_transfer_config.kv_connector_extra_config)
+        check_engine_model(vllm_config, self.settings)  # the plugin checked too, unless plugins are off
         self._group = _hidden_state_group(kv_cache_config)
         self._block_size = _block_size(vllm_config, kv_cache_config, self._group)
         # scheduler side
@@ -221,6 +229,8 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         missing = [hp for hp in s.hook_points if hp not in by_name]
         if missing:
             raise ValueError(f"hook_points: {missing} are not in the sidecar's catalog {sorted(by_name)}")
+        for hp in s.hook_points:  # a bundle made for another model
+            check_hidden_size(self._vllm_config.model_config.hf_config, by_name[hp].d_model, f"bundle d_model of {hp}")
         if s.projected:
             slices = []
             for hp in s.hook_points:

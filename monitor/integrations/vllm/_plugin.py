@@ -7,6 +7,10 @@ What it does, in each process, and only what is harmless when monitoring is off:
 - when ``SAFETY_MONITOR_SIDECAR`` is set and the user gave neither a speculative nor a KV-transfer
   config, fills both in (``engine_config``) so ``vllm serve`` / ``LLM(...)`` need no extra flags.
   The hook points come from ``SAFETY_MONITOR_HOOK_POINTS`` or the sidecar's catalog.
+- whenever an engine is configured with our connector (by the plugin or by ``engine_config``),
+  checks the served model's architecture and the aux-hidden-state ids before any weights load
+  (``check_engine_model``: one-line ``ArchitectureError`` for Gemma 2/3, unknown families, hook
+  points past the last layer).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from monitor.integrations.vllm._settings import (
     ENV_PREFIX,
     HALT_STOP_REASON,
     AdapterSettings,
+    check_engine_model,
     engine_config,
     wait_for_catalog,
 )
@@ -33,8 +38,7 @@ def register() -> None:
     """The plugin function vLLM calls (possibly several times per process)."""
     _register_connector()
     _map_halt_to_content_filter()
-    if os.environ.get(ENV_PREFIX + "SIDECAR"):
-        _autoconfigure_engine_args()
+    _wrap_create_engine_config()
 
 
 def _register_connector() -> None:
@@ -62,7 +66,7 @@ def _map_halt_to_content_filter() -> None:
     state_cls._new_completion_output = _new_completion_output
 
 
-def _autoconfigure_engine_args() -> None:
+def _wrap_create_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
@@ -70,24 +74,34 @@ def _autoconfigure_engine_args() -> None:
         return
 
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.kv_transfer_config is None and self.speculative_config is None:
-            settings = resolve_settings()
-            cfg = engine_config(settings)
-            from vllm.config import KVTransferConfig
-
-            self.speculative_config = cfg["speculative_config"]
-            self.kv_transfer_config = KVTransferConfig(**cfg["kv_transfer_config"])
-            log.info("safety monitor: monitoring %s through sidecar %s", settings.hook_points, settings.sidecar)
-        elif self.kv_transfer_config is None or self.speculative_config is None:
-            log.error(
-                "safety monitor: %sSIDECAR is set but this engine already has a speculative or KV-transfer "
-                "config; monitoring needs both slots and is OFF",
-                ENV_PREFIX,
-            )
-        return original(self, *args, **kwargs)
+        if os.environ.get(ENV_PREFIX + "SIDECAR"):
+            _autoconfigure(self)
+        vllm_config = original(self, *args, **kwargs)
+        kv = vllm_config.kv_transfer_config
+        if kv is not None and kv.kv_connector == CONNECTOR_NAME:
+            check_engine_model(vllm_config, AdapterSettings.from_sources(kv.kv_connector_extra_config))
+        return vllm_config
 
     create_engine_config._safety_monitor = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _autoconfigure(engine_args: Any) -> None:
+    """Fill in the speculative and KV-transfer configs when the user gave neither."""
+    if engine_args.kv_transfer_config is None and engine_args.speculative_config is None:
+        settings = resolve_settings()
+        cfg = engine_config(settings)
+        from vllm.config import KVTransferConfig
+
+        engine_args.speculative_config = cfg["speculative_config"]
+        engine_args.kv_transfer_config = KVTransferConfig(**cfg["kv_transfer_config"])
+        log.info("safety monitor: monitoring %s through sidecar %s", settings.hook_points, settings.sidecar)
+    elif engine_args.kv_transfer_config is None or engine_args.speculative_config is None:
+        log.error(
+            "safety monitor: %sSIDECAR is set but this engine already has a speculative or KV-transfer "
+            "config; monitoring needs both slots and is OFF",
+            ENV_PREFIX,
+        )
 
 
 def resolve_settings(settings: AdapterSettings | None = None) -> AdapterSettings:

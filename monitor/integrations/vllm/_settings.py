@@ -6,9 +6,10 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from monitor import architectures
 from monitor.client import Catalog, ClientError
 from monitor.hook_points import layer_of
 
@@ -123,27 +124,44 @@ class AdapterSettings:
         }
 
 
-def vllm_layer_ids(hook_points: Sequence[str]) -> list[int]:
-    """vLLM's aux hidden-state ids count from the embeddings: ``blocks.L.hook_resid_post`` is L + 1."""
+def vllm_layer_ids(hook_points: Sequence[str], architecture: str | None = None) -> list[int]:
+    """vLLM's aux hidden-state ids for the hook points: ``blocks.L.hook_resid_post`` is L + 1.
+
+    vLLM 0.32 counts them from the embeddings (id 0) for every family that returns aux hidden
+    states (``monitor.architectures``). With ``architecture`` (``config.architectures[0]``) a
+    family vLLM cannot capture (Gemma 2/3) or an unknown one raises, naming it; without it the
+    rule is applied as is, and the served model is checked when the engine is configured
+    (``check_engine_model``).
+    """
+    if architecture is not None:
+        return architectures.vllm_layer_ids(architecture, hook_points)
     return [layer_of(hp) + 1 for hp in hook_points]
 
 
-def engine_config(settings: AdapterSettings) -> dict[str, Any]:
+def ascending(hook_points: Sequence[str]) -> tuple[str, ...]:
+    """Hook points in layer order, once each: the order vLLM stacks the captured rows in."""
+    return tuple(sorted(set(hook_points), key=layer_of))
+
+
+def engine_config(settings: AdapterSettings, architecture: str | None = None) -> dict[str, Any]:
     """The two engine arguments that switch the adapter on: ``LLM(model, **engine_config(s))``.
 
     vLLM's ``extract_hidden_states`` method (a pseudo-draft of speculative decoding) writes the
     chosen layers' rows into a cache-only KV layer inside the model's own step, so capture runs
     under torch.compile / CUDA graphs and covers prefix-cached blocks; our connector reads each
-    step's new rows from that cache and streams them.
+    step's new rows from that cache and streams them. vLLM returns the rows in ascending layer
+    order, so the hook points are put in that order here (for the ids and for the connector).
+    ``architecture``: the served model's ``config.architectures[0]``, checked when given.
     """
     if not settings.hook_points:
         raise ValueError("hook_points: expected at least one hook point (from the sidecar's catalog)")
+    settings = replace(settings, hook_points=ascending(settings.hook_points))
     return {
         "speculative_config": {
             "method": "extract_hidden_states",
             "num_speculative_tokens": 1,
             "draft_model_config": {
-                "hf_config": {"eagle_aux_hidden_state_layer_ids": vllm_layer_ids(settings.hook_points)}
+                "hf_config": {"eagle_aux_hidden_state_layer_ids": vllm_layer_ids(settings.hook_points, architecture)}
             },
         },
         "kv_transfer_config": {
@@ -153,6 +171,21 @@ def engine_config(settings: AdapterSettings) -> dict[str, Any]:
             "kv_connector_extra_config": settings.extra_config(),
         },
     }
+
+
+def check_engine_model(vllm_config: Any, settings: AdapterSettings) -> None:
+    """The served model fits the capture: a family vLLM captures, hook layers in range, the ids
+    asked of the engine those of the hook points (``monitor.architectures.check_vllm_capture``).
+
+    Duck-typed on vLLM's ``VllmConfig`` (no vLLM import here); raises ``ArchitectureError``.
+    """
+    mc = vllm_config.model_config
+    archs = list(getattr(mc, "architectures", None) or getattr(mc.hf_config, "architectures", None) or [])
+    arch = archs[0] if archs else architectures.architecture_of(mc.hf_config)
+    spec = vllm_config.speculative_config
+    draft = getattr(spec, "draft_model_config", None)
+    ids = getattr(getattr(draft, "hf_config", None), "eagle_aux_hidden_state_layer_ids", None)
+    architectures.check_vllm_capture(arch, mc.hf_config, settings.hook_points, ids)
 
 
 def wait_for_catalog(fetch: Callable[[float], Catalog], target: str, timeout: float) -> Catalog:
