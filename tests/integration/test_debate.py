@@ -51,7 +51,7 @@ def test_critical_alerts_are_debated_into_the_audit_log_and_metrics(ref: Referen
     try:
         acts = np.ones((12, D_MODEL), np.float32)
         with MonitorClient(st.target) as client:
-            # the critical deception ensemble reads the decision row: send one
+            # the critical harmful_compliance stack reads the decision row with the answer: send one
             reply = client.score(Generation("deb-1", MODEL, PROMPT, OUTPUT, {HOOK: acts}, decision={HOOK: acts[:1]}))
             with client.stream("deb-s", MODEL, prompt=PROMPT) as s:
                 verdicts = [s.send({HOOK: acts[:4]}, text_delta="word0 ", decision={HOOK: acts[:1]})]

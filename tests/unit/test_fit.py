@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from monitor.detectors._activations import LabeledRow
@@ -63,3 +64,47 @@ def test_critical_thresholds_are_never_below_probability_one_half() -> None:
         assert c.probability(c.threshold) >= 0.5 - 1e-6
         assert c.threshold >= p.threshold
     assert any(p.probability(p.threshold) < 0.5 for p in plain.specs)  # the floor changed something
+
+
+def test_stack_fits_how_two_detectors_combine_and_is_calibrated_out_of_fold() -> None:
+    """'Harmful AND not refused' is an interaction: the stack learns it from data, and its Platt map
+    (fitted on out-of-fold logits) gives probabilities whose ECE on fresh rows is small."""
+    from monitor.detectors._fit import fit_stack
+    from monitor.detectors._metrics import auroc, expected_calibration_error
+
+    rng = np.random.default_rng(5)
+
+    def draw(n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        harmful, refused = rng.random(n) < 0.4, rng.random(n) < 0.3
+        scores = {
+            "harm": np.where(harmful, 2.0, -2.0) + rng.normal(size=n),
+            "refusal": np.where(refused, 2.0, -2.0) + rng.normal(size=n),
+        }
+        return scores, (harmful & ~refused).astype(int)
+
+    scores, y = draw(3000)
+    fitted = fit_stack(scores, y, np.arange(len(y)).astype(str), pairs=(("harm", "refusal"),))
+    assert fitted.members["harm"] > 0 and fitted.members["refusal"] < 0
+    assert fitted.interactions[0][:2] == ("harm", "refusal") and fitted.cv_auroc > 0.95
+    fresh, y2 = draw(3000)
+    logit = fitted.bias + sum(c * fresh[m] for m, c in fitted.members.items())
+    logit = logit + fitted.interactions[0][2] * fresh["harm"] * fresh["refusal"]
+    p = 1 / (1 + np.exp(-(fitted.calibration[0] * logit + fitted.calibration[1])))
+    assert auroc(y2, logit) > 0.95 and expected_calibration_error(y2, p) < 0.03
+    naive = (1 / (1 + np.exp(-fresh["harm"]))) * (1 - 1 / (1 + np.exp(-fresh["refusal"])))
+    assert expected_calibration_error(y2, p) < expected_calibration_error(y2, naive)
+
+
+def test_evaluation_only_groups_are_never_fitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.detectors import _fit
+
+    rng = np.random.default_rng(4)
+    direction = rng.normal(size=D)
+    rows, tokens = _rows(rng, direction)
+    cfg = FitConfig("x", "a", ("c",), latent_counts=(8,), sae_c=(0.1,), dense_c=(0.1,))
+    fitted_groups = {r.group for r in rows if r.source == "a" and not is_validation(r.group)}
+    held = set(sorted(fitted_groups)[:10])
+    monkeypatch.setattr(_fit, "evaluation_only_groups", lambda: frozenset(held))
+    fitted = fit_behaviour(cfg, rows, tokens, _sae(rng), log=lambda _: None)
+    want = sum(r.source == "a" and not is_validation(r.group) and r.group not in held for r in rows)
+    assert fitted.specs[0].provenance["fit_rows"] == want
