@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,14 +79,14 @@ def ordinary_kinds() -> dict[str, str]:
     return {p.id: p.kind for p in load_ordinary_prompts()}
 
 
-def fitting_part(refusal: CompliancePart, ordinary: CompliancePart) -> CompliancePart:
+def fitting_part(refusal: CompliancePart, ordinary: CompliancePart, data: Path = DATA) -> CompliancePart:
     """Rows neither member was fitted on: refusal validation groups (HarmBench-derived left out) and
     the calibration half of ordinary traffic."""
     harmful = {
         str(r["group"]): str(r.get("harmful")) == "1"
-        for r in map(json.loads, (DATA / "refusal_prompts.jsonl").read_text().splitlines())
+        for r in map(json.loads, (data / "refusal_prompts.jsonl").read_text().splitlines())
     }
-    never = evaluation_only_groups()
+    never = evaluation_only_groups(data)
     rows, tokens, decision = [], [], []
     for r, t, d in zip(refusal.rows, refusal.tokens, refusal.decision, strict=True):
         if r.source == "refusal_direction" and is_validation(r.group) and r.group not in never:

@@ -256,8 +256,12 @@ def build_detectors(
     load_model: Callable[[], Any],
     behaviours: Sequence[str] = tuple(RECIPES),
     log: Callable[[str], None] = print,
+    data: Path = DATA,
 ) -> dict[str, dict[str, dict[str, SplitMetrics]]]:
     """Fit, write and evaluate the detectors of ``behaviours`` into the bundle at ``bundle_dir``.
+
+    ``data`` holds the labeled files (``data/detectors`` for the default model; for another model,
+    the same files with that model's own answers where a set uses them).
 
     Detectors of other behaviours already in the bundle are kept as they are (weights, entry and
     figures), so one behaviour can be refitted alone; detectors of behaviours no recipe names any
@@ -276,34 +280,35 @@ def build_detectors(
             k: v for k, v in load_probe_weights(bundle.path / WEIGHTS_FILE).items() if k in {x.name for x in kept}
         }
     latents: set[int] = {int(i) for p in probes.values() if p.latents is not None for i in p.latents}
-    never = evaluation_only_groups()
+    never = evaluation_only_groups(data)
     labeled = {}
     for beh in behaviours:
         cfg = replace(RECIPES[beh], hook_point=hook)
-        labeled[beh] = load_labeled(beh, hook, cache_dir, load_model)
+        labeled[beh] = load_labeled(beh, hook, cache_dir, load_model, data)
         log(f"{beh}: fitting on {'+'.join(cfg.fit_sources)} ({len(labeled[beh].rows)} rows in the file)")
         rows, tokens = list(labeled[beh].rows), list(labeled[beh].rows_at(cfg.position))
         for other in cfg.negatives_from:
-            extra = load_labeled(other, hook, cache_dir, load_model)
+            extra = load_labeled(other, hook, cache_dir, load_model, data)
             own = RECIPES[other].train_source
             for r, t in zip(extra.rows, extra.rows_at(cfg.position), strict=True):
                 if r.source == own and not is_validation(r.group) and r.group not in never:
                     rows.append(LabeledRow(beh, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
                     tokens.append(t)
-        fitted = fit_behaviour(cfg, rows, tokens, sae, log=log)
+        fitted = fit_behaviour(cfg, rows, tokens, sae, log=log, never=never)
         made = _made(f"data/detectors/{cfg.data_file}.jsonl")
-        made["data_sha256"] = hashlib.sha256((DATA / f"{cfg.data_file}.jsonl").read_bytes()).hexdigest()
+        made["data_sha256"] = hashlib.sha256((data / f"{cfg.data_file}.jsonl").read_bytes()).hexdigest()
         specs.extend(replace(sp, provenance={**sp.provenance, **made}) for sp in fitted.specs)
         probes.update(fitted.probes)
         latents.update(fitted.latents)
     names = {sp.name for sp in specs}
     if REQUEST_MEMBER in names and REFUSAL_MEMBER in names:
         members = DetectorSet(specs, probes, bundle, sae)
-        refusal = labeled.get("refusal") or load_labeled("refusal", hook, cache_dir, load_model)
-        ordinary = load_labeled(COMPLIANCE, hook, cache_dir, load_model, files=(ORDINARY_FILE,))
+        refusal = labeled.get("refusal") or load_labeled("refusal", hook, cache_dir, load_model, data)
+        ordinary = load_labeled(COMPLIANCE, hook, cache_dir, load_model, data, files=(ORDINARY_FILE,))
         part = fitting_part(
             CompliancePart(refusal.rows, refusal.tokens, refusal.decision or []),
             CompliancePart(ordinary.rows, ordinary.tokens, ordinary.decision or []),
+            data,
         )
         spec, _ = fit_compliance(
             bundle,
@@ -319,7 +324,7 @@ def build_detectors(
     write_manifest_detectors(bundle_dir, [sp.to_dict() for sp in specs])
     ds = DetectorSet.from_bundle(Bundle.load(bundle_dir), sae)
     if any(sp.behaviour == COMPLIANCE for sp in ds.specs):
-        labeled[COMPLIANCE] = load_labeled(COMPLIANCE, hook, cache_dir, load_model)
+        labeled[COMPLIANCE] = load_labeled(COMPLIANCE, hook, cache_dir, load_model, data)
     results = {beh: evaluate_behaviour(ds, data) for beh, data in labeled.items()}
     entries = []
     for sp in ds.specs:
@@ -389,13 +394,17 @@ def ordinary_stream_rates(bundle: Bundle, ds: DetectorSet, data: LabeledTokens) 
 
 
 def evaluate_bundle(
-    bundle: Bundle, cache_dir: Path, load_model: Callable[[], Any], behaviours: Sequence[str] | None = None
+    bundle: Bundle,
+    cache_dir: Path,
+    load_model: Callable[[], Any],
+    behaviours: Sequence[str] | None = None,
+    data: Path = DATA,
 ) -> dict[str, dict[str, dict[str, SplitMetrics]]]:
     """Re-score every held-out split of a shipped bundle (or of ``behaviours``) through the serving code."""
     ds = DetectorSet.from_bundle(bundle)
     behaviours = list(behaviours or dict.fromkeys(s.behaviour for s in ds.specs))
     hook = ds.specs[0].hook_point if ds.specs else bundle.hook_points[0].name
-    return {b: evaluate_behaviour(ds, load_labeled(b, hook, cache_dir, load_model)) for b in behaviours}
+    return {b: evaluate_behaviour(ds, load_labeled(b, hook, cache_dir, load_model, data)) for b in behaviours}
 
 
 def compare_with_manifest(

@@ -201,12 +201,18 @@ class _ProbeKind:
 
 
 def fit_behaviour(
-    cfg: FitConfig, rows: Sequence[Any], tokens: Sequence[np.ndarray], sae: Any, log: Callable[[str], None] = print
+    cfg: FitConfig,
+    rows: Sequence[Any],
+    tokens: Sequence[np.ndarray],
+    sae: Any,
+    log: Callable[[str], None] = print,
+    never: frozenset[str] | None = None,
 ) -> FittedBehaviour:
-    """Fit the sae_probe, linear_probe and ensemble for one behaviour on its training source."""
+    """Fit the sae_probe, linear_probe and ensemble for one behaviour on its training source
+    (rows of the ``never`` groups left out; default: ``data/detectors``' evaluation-only groups)."""
     y_all = np.array([r.label for r in rows])
     groups = np.array([r.group for r in rows])
-    never = evaluation_only_groups()
+    never = evaluation_only_groups() if never is None else never
     fit_idx = np.array(
         [
             i
