@@ -15,7 +15,7 @@ from monitor.sae._files import EncoderSlice, read, slice_encoder
 
 if TYPE_CHECKING:
     from monitor.sae._base import SAE, JumpReLUSAE, ReLUSAE, TopKSAE, register_architecture, sae_class
-    from monitor.sae._formats import from_gemma_scope, from_saelens, load, save, save_saelens
+    from monitor.sae._formats import from_gemma_scope, from_saelens, from_sparsify, load, save, save_saelens
     from monitor.sae._sliced import OnnxSlicedEncoder, SlicedEncoder
 
 _LAZY = {
@@ -27,6 +27,7 @@ _LAZY = {
     "sae_class": "_base",
     "from_gemma_scope": "_formats",
     "from_saelens": "_formats",
+    "from_sparsify": "_formats",
     "load": "_formats",
     "save": "_formats",
     "save_saelens": "_formats",
@@ -53,6 +54,7 @@ __all__ = [
     "TopKSAE",
     "from_gemma_scope",
     "from_saelens",
+    "from_sparsify",
     "load",
     "read",
     "register_architecture",

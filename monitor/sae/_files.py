@@ -1,15 +1,16 @@
 """SAE files read into numpy, and the encoder slice the detectors serve with: no torch here.
 
 ``read(path)`` returns the config and float32 weights (SAELens names) of a native folder, a
-SAELens folder or a Gemma Scope ``params.npz``; the torch ``SAE`` is built from the same arrays
-(``_formats``). ``EncoderSlice`` is columns ``latent_ids`` of the encoder with the input scale and
-``b_dec`` folded in, so serving a bundle (``monitor serve``) never imports torch.
+SAELens folder, a sparsify folder or a Gemma Scope ``params.npz``; the torch ``SAE`` is built from
+the same arrays (``_formats``). ``EncoderSlice`` is columns ``latent_ids`` of the encoder with the
+input scale and ``b_dec`` folded in, so serving a bundle (``monitor serve``) never imports torch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ NATIVE_WEIGHTS = "sae.safetensors"
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 GEMMA_SCOPE = "params.npz"
+SPARSIFY_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
 FORMAT_NAME = "safety-monitor-sae"
 SAELENS_ARCHITECTURES = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 
@@ -33,19 +36,26 @@ State = dict[str, np.ndarray]
 
 
 def read(path: str | Path) -> tuple[SAEConfig, State]:
-    """Config and float32 weights of the SAE at ``path`` (native, SAELens or Gemma Scope)."""
+    """Config and float32 weights of the SAE at ``path`` (native, SAELens, sparsify or Gemma Scope).
+
+    A ``cfg.json`` folder is SAELens's when it holds ``sae_weights.safetensors`` and sparsify's
+    when it holds ``sae.safetensors`` instead.
+    """
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
         return read_gemma_scope(p)
     if (p / NATIVE_CFG).is_file():
         return read_native(p)
+    if (p / SPARSIFY_CFG).is_file() and (p / SPARSIFY_WEIGHTS).is_file() and not (p / SAELENS_WEIGHTS).is_file():
+        return read_sparsify(p)
     if (p / SAELENS_CFG).is_file():
         return read_saelens(p)
     if (p / GEMMA_SCOPE).is_file():
         return read_gemma_scope(p / GEMMA_SCOPE)
     raise SAEError(
-        f"SAE path {p}: expected a folder with {NATIVE_CFG} (native), {SAELENS_CFG} (SAELens) "
-        f"or {GEMMA_SCOPE} (Gemma Scope), or a .npz file; found none"
+        f"SAE path {p}: expected a folder with {NATIVE_CFG} (native), {SAELENS_CFG} + {SAELENS_WEIGHTS} "
+        f"(SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify) or {GEMMA_SCOPE} (Gemma Scope), "
+        "or a .npz file; found none"
     )
 
 
@@ -127,6 +137,94 @@ def read_gemma_scope(npz: Path, hook_point: str = "", model_id: str = "") -> tup
         apply_b_dec_to_input=False,
     )
     return cfg, state
+
+
+_SPARSIFY_HOOK = re.compile(r"^layers\.(\d+)$")
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_sparsify(folder: Path, hook_point: str | None = None, model_id: str = "") -> tuple[SAEConfig, State]:
+    """An EleutherAI ``sparsify`` folder (``Sae.save_to_disk``: ``cfg.json`` + ``sae.safetensors``).
+
+    Read as a TopK SAE with ``b_dec`` subtracted from the input, which is sparsify's ``encode``:
+    ``relu((x - b_dec) @ encoder.weight.T + encoder.bias)``, then the ``k`` largest. This project's
+    TopK takes the ``k`` largest pre-activations and then applies ReLU: the dense latents are the
+    same (they differ only in which zero entries are "selected" when fewer than ``k`` are positive).
+    The width is ``num_latents``, or ``d_in * expansion_factor`` when that is 0. ``multi_topk`` is
+    a training loss and ``normalize_decoder`` a training constraint: neither changes the encode.
+    Refused, with the field named: ``activation`` other than "topk" (groupmax), ``transcode``
+    (a transcoder predicts another module's output) and ``skip_connection`` (``W_skip``).
+    ``hook_point`` defaults from the folder's name, which is sparsify's hook point: ``layers.N``
+    (the output of decoder layer N) is ``blocks.N.hook_resid_post``; any other name gives "".
+    """
+    cfg_path, weights_path = folder / SPARSIFY_CFG, folder / SPARSIFY_WEIGHTS
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise SAEError(f"{folder}: expected sparsify's {SPARSIFY_CFG} and {SPARSIFY_WEIGHTS}; {f.name} is missing")
+    raw = json.loads(cfg_path.read_text())
+    if "d_in" not in raw:
+        raise SAEError(f"{cfg_path}: d_in: missing (sparsify's save_to_disk writes it)")
+    activation = raw.get("activation", "topk")
+    if activation != "topk":
+        raise SAEError(f"{cfg_path}: activation: only 'topk' is supported, got {activation!r}")
+    for key, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection (W_skip)")):
+        if raw.get(key):
+            raise SAEError(f"{cfg_path}: {key}: {what} is not supported; only plain sparse autoencoders ({key}: false)")
+    d_in = int(raw["d_in"])
+    num_latents = int(raw.get("num_latents") or 0) or d_in * int(raw.get("expansion_factor", 32))
+    k = int(raw.get("k", 32))
+    dtypes = _safetensors_dtypes(weights_path)
+    state = load_safetensors(weights_path)
+    names = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise SAEError(f"{weights_path}: missing {missing}; expected sparsify's {', '.join(names)}")
+    if "W_skip" in state:
+        raise SAEError(
+            f"{weights_path}: W_skip: a skip connection is not supported (cfg.json says skip_connection false)"
+        )
+    expected = {
+        "encoder.weight": (num_latents, d_in),
+        "encoder.bias": (num_latents,),
+        "W_dec": (num_latents, d_in),
+        "b_dec": (d_in,),
+    }
+    for name, shape in expected.items():
+        got = tuple(state[name].shape)
+        if got != shape:
+            axes = {"encoder.bias": "num_latents", "b_dec": "d_in"}.get(name, "num_latents, d_in")
+            raise SAEError(
+                f"{weights_path}: {name} has shape {list(got)}, but {cfg_path.name} gives "
+                f"d_in={d_in}, num_latents={num_latents}: expected [{axes}] = {list(shape)}"
+            )
+    if hook_point is None:
+        m = _SPARSIFY_HOOK.match(folder.resolve().name)
+        hook_point = f"blocks.{m.group(1)}.hook_resid_post" if m else ""
+    cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=num_latents,
+        architecture="topk",
+        k=k,
+        dtype=_SAFETENSORS_DTYPES.get(dtypes.get("encoder.weight", "F32"), "float32"),
+        hook_point=hook_point,
+        model_id=model_id,
+        apply_b_dec_to_input=True,
+    )
+    out = {
+        "W_enc": np.ascontiguousarray(state["encoder.weight"].T),
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
+    }
+    return cfg, out
+
+
+def _safetensors_dtypes(path: Path) -> dict[str, str]:
+    """Stored dtype of each tensor (``"F32"``, ``"BF16"``...), from the file's JSON header."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
 def input_scale(cfg: SAEConfig) -> float:

@@ -3,6 +3,8 @@
 - native: ``sae.json`` (``{"format": "safety-monitor-sae", "version": 1, "config": {...}}``) and
   ``sae.safetensors`` (weights in ``config.dtype``).
 - SAELens: ``cfg.json`` + ``sae_weights.safetensors`` (``from_saelens`` / ``save_saelens``).
+- sparsify (EleutherAI): ``cfg.json`` + ``sae.safetensors`` as ``Sae.save_to_disk`` writes them,
+  read as TopK (``from_sparsify``).
 - Gemma Scope: ``params.npz`` with ``W_enc, W_dec, b_enc, b_dec, threshold`` (``from_gemma_scope``).
 
 ``load(path)`` detects which one a path holds. Parsing is ``_files`` (numpy, no torch); this
@@ -32,6 +34,7 @@ from monitor.sae._files import (
     read_gemma_scope,
     read_native,
     read_saelens,
+    read_sparsify,
 )
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,7 +52,7 @@ def save(sae: SAE, folder: str | Path, *, extra: dict[str, Any] | None = None) -
 
 
 def load(path: str | Path) -> SAE:
-    """Load an SAE from a native folder, a SAELens folder or a Gemma Scope ``params.npz``."""
+    """Load an SAE from a native, SAELens or sparsify folder, or a Gemma Scope ``params.npz``."""
     return SAE.from_state(*_torch(read(path)))
 
 
@@ -86,6 +89,16 @@ def save_saelens(sae: SAE, folder: str | Path) -> Path:
     (out / SAELENS_CFG).write_text(json.dumps(raw, indent=2))
     save_file({k: v.float().contiguous() for k, v in sae.state().items()}, str(out / SAELENS_WEIGHTS))
     return out
+
+
+# -- sparsify -------------------------------------------------------------------------------------
+def from_sparsify(folder: str | Path, *, hook_point: str | None = None, model_id: str = "") -> SAE:
+    """Load an EleutherAI sparsify folder (``cfg.json`` + ``sae.safetensors``) as a TopK SAE.
+
+    ``hook_point`` defaults from the folder name (``layers.N`` -> ``blocks.N.hook_resid_post``);
+    transcoders, skip connections and groupmax are refused (see ``_files.read_sparsify``).
+    """
+    return SAE.from_state(*_torch(read_sparsify(Path(folder), hook_point, model_id)))
 
 
 # -- Gemma Scope ----------------------------------------------------------------------------------

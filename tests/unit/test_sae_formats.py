@@ -1,4 +1,4 @@
-"""SAE architectures and file formats against an independent numpy reference."""
+"""SAE architectures and file formats against an independent numpy reference and files the real libraries wrote."""
 
 from __future__ import annotations
 
@@ -188,3 +188,94 @@ def test_files_written_by_the_real_saelens_encode_as_saelens_does(arch: str) -> 
         cfg, state = read(folder)
         ids = [1, 5, 9, 15]
         assert np.allclose(slice_encoder(cfg, state, ids).encode(check["x"]), check["latents"][:, ids], atol=1e-5)
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SPARSIFY_FILES = DATA / "sparsify"
+
+
+def _check(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file as np_load_file
+
+    return np_load_file(str(folder / "check.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["topk", "expansion", "bf16"])
+def test_files_written_by_the_real_sparsify_encode_as_sparsify_does(name: str) -> None:
+    """Folders written by eai-sparsify itself (scripts/sparsify_fixtures.py), with its own dense encode of x."""
+    folder = SPARSIFY_FILES / name / "layers.3"
+    check = _check(folder)
+    sae = load(folder)
+    c = sae.cfg
+    assert (c.architecture, c.d_in, c.d_sae, c.k, c.apply_b_dec_to_input) == ("topk", 8, 16, 4, True)
+    assert c.hook_point == "blocks.3.hook_resid_post"  # sparsify's hook point "layers.3" is the folder name
+    assert c.dtype == ("bfloat16" if name == "bf16" else "float32")
+    got = sae.encode(torch.from_numpy(check["x"])).numpy()
+    assert (got > 0).sum() == (check["latents"] > 0).sum() > 0
+    np.testing.assert_allclose(got, check["latents"], rtol=1e-5, atol=1e-5)
+    if name == "topk":  # some tokens have fewer than k positive latents: ReLU-before-top-k agrees
+        assert ((check["latents"] > 0).sum(axis=1) < 4).any()
+    # Named loader, and a different folder name: no hook point guessed, the argument wins.
+    from monitor.sae import from_sparsify
+
+    assert from_sparsify(folder, hook_point="blocks.9.hook_resid_post").cfg.hook_point == "blocks.9.hook_resid_post"
+
+
+def _sparsify_copy(tmp_path: Path, name: str = "custom") -> Path:
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(SPARSIFY_FILES / "topk" / "layers.3", folder)
+    return folder
+
+
+def _edit_cfg(folder: Path, **changes: object) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def test_sparsify_unsupported_options_and_bad_files_name_the_field(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file as np_load_file
+
+    folder = _sparsify_copy(tmp_path)
+    assert load(folder).cfg.hook_point == ""  # not a layers.N folder
+    _edit_cfg(folder, skip_connection=True)
+    with pytest.raises(SAEError, match=r"skip_connection: a skip connection \(W_skip\) is not supported"):
+        load(folder)
+    _edit_cfg(folder, skip_connection=False, transcode=True)
+    with pytest.raises(SAEError, match=r"transcode: a transcoder is not supported"):
+        load(folder)
+    _edit_cfg(folder, transcode=False, activation="groupmax")
+    with pytest.raises(SAEError, match=r"activation: only 'topk' is supported, got 'groupmax'"):
+        load(folder)
+    _edit_cfg(folder, activation="topk", d_in=9)
+    with pytest.raises(SAEError, match=r"encoder\.weight has shape \[16, 8\], but cfg\.json gives d_in=9"):
+        load(folder)
+    _edit_cfg(folder, d_in=8)
+    state = np_load_file(str(folder / "sae.safetensors"))
+    np_save_file({k: v for k, v in state.items() if k != "W_dec"}, str(folder / "sae.safetensors"))
+    with pytest.raises(SAEError, match=r"sae\.safetensors: missing \['W_dec'\]"):
+        load(folder)
+
+
+GEMMA_FILES = DATA / "gemma_scope"
+
+
+def test_gemma_scope_npz_encodes_as_saelens_gemma_scope_loader_does() -> None:
+    """params.npz and SAELens's encode through its own Gemma Scope loader (scripts/gemma_scope_fixtures.py)."""
+    from monitor.sae import read, slice_encoder
+
+    check = _check(GEMMA_FILES)
+    for path in (GEMMA_FILES / "params.npz", GEMMA_FILES):
+        sae = load(path)
+        assert (sae.cfg.architecture, sae.cfg.apply_b_dec_to_input) == ("jumprelu", False)
+        got = sae.encode(torch.from_numpy(check["x"])).numpy()
+        assert (got > 0).sum() == (check["latents"] > 0).sum() > 0
+        np.testing.assert_allclose(got, check["latents"], rtol=1e-5, atol=1e-5)
+    # The thresholds matter here: some latents are positive but below their threshold.
+    with np.load(GEMMA_FILES / "params.npz") as params:
+        pre = check["x"] @ params["W_enc"] + params["b_enc"]
+        assert ((pre > 0) & (pre <= params["threshold"])).any()
+    cfg, state = read(GEMMA_FILES / "params.npz")  # what serving uses: the numpy slice
+    ids = [0, 3, 7, 15]
+    np.testing.assert_allclose(slice_encoder(cfg, state, ids).encode(check["x"]), check["latents"][:, ids], atol=1e-5)
