@@ -214,7 +214,7 @@ def score_labeled(
 
 def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[str, SplitMetrics]]:
     """Figures per detector (and the phrase baseline for refusal) per held-out split and the sample."""
-    specs = [s for s in ds.specs if s.behaviour == data.behaviour]
+    specs = [s for s in ds.specs if s.behaviour == data.behaviour and not s.component]
     if not specs:
         return {}
     prov = specs[0].provenance
@@ -305,20 +305,19 @@ def build_detectors(
         members = DetectorSet(specs, probes, bundle, sae)
         refusal = labeled.get("refusal") or load_labeled("refusal", hook, cache_dir, load_model, data)
         ordinary = load_labeled(COMPLIANCE, hook, cache_dir, load_model, data, files=(ORDINARY_FILE,))
-        part = fitting_part(
-            CompliancePart(refusal.rows, refusal.tokens, refusal.decision or []),
-            CompliancePart(ordinary.rows, ordinary.tokens, ordinary.decision or []),
-            data,
-        )
-        spec, _ = fit_compliance(
+        ref_part = CompliancePart(refusal.rows, refusal.tokens, refusal.decision or [])
+        ord_part = CompliancePart(ordinary.rows, ordinary.tokens, ordinary.decision or [])
+        new_specs, new_probes = fit_compliance(
             bundle,
             members,
-            part,
-            _made(f"data/detectors/{COMPLIANCE}.jsonl + data/detectors/{ORDINARY_FILE}.jsonl"),
-            lambda s: DetectorSet([*specs, s], probes, bundle, sae),
+            fitting_part(ref_part, ord_part, data),
+            fitting_part(ref_part, ord_part, data, validation=False),
+            _made(f"data/detectors/refusal.jsonl + data/detectors/{ORDINARY_FILE}.jsonl"),
+            lambda more, weights: DetectorSet([*specs, *more], {**probes, **weights}, bundle, sae),
             log=log,
         )
-        specs.append(spec)
+        specs.extend(new_specs)
+        probes.update(new_probes)
     save_probe_weights(bundle_dir / WEIGHTS_FILE, probes)
     _write_feature_reports(bundle, sorted(latents))
     write_manifest_detectors(bundle_dir, [sp.to_dict() for sp in specs])
@@ -378,7 +377,7 @@ def ordinary_stream_rates(bundle: Bundle, ds: DetectorSet, data: LabeledTokens) 
             "streams": n,
             "halted": sum(bool(o.halt) for o in mine) / n,
             "any_critical_fired": sum(bool(o.fired & crit) for o in mine) / n,
-            "detectors": {s.name: sum(s.name in o.fired for o in mine) / n for s in ds.specs},
+            "detectors": {s.name: sum(s.name in o.fired for o in mine) / n for s in ds.specs if not s.component},
         }
     benign = [o for i, o in zip(idx, outcomes, strict=True) if kinds.get(data.rows[i].group) != "harmful"]
     return {

@@ -290,10 +290,10 @@ def fit_behaviour(
         s = oof[name]
         calibration = platt(s, yf)
         thr = threshold_at_fpr(s[yf == 0], cfg.target_fpr)
-        if cfg.critical:
-            # A critical behaviour's detectors also need probability >= 0.5: on separable fitting
+        if cfg.critical or cfg.position == "decision":
+            # Critical and decision-row detectors also need probability >= 0.5: on separable fitting
             # data the 1 % point sits at the top of the negatives, far below the positives, and
-            # the deception ensemble then halted 31 % of the other source's honest prompts at P ~ 0.
+            # the deception ensemble then fired on 31 % of the other source's honest prompts at P ~ 0.
             even = -calibration[1] / calibration[0] if calibration[0] > 0 else -np.inf
             thr = max(thr, float(even))
         extra: dict[str, Any] = {}

@@ -36,6 +36,9 @@ class DetectorSpec:
         detectors are combined by a fit on data, not by multiplying their probabilities.
     interactions: for a stack, ``[member, member, coefficient]`` triples: the coefficient of the
         product of two members' scores (how "harmful request" and "refused" combine is fitted).
+    component: a part of a stack (e.g. the prompt or the answer half of one probe fitted on both),
+        scored only as the stack's input and never reported on its own: its score alone is no
+        calibrated verdict on anything.
     position: ``response`` (pool the response tokens) or ``decision`` (read the one row at the last
         prompt-template token, which requests carry in their ``decision`` field).
     """
@@ -57,6 +60,7 @@ class DetectorSpec:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     position: str = "response"
     interactions: tuple[tuple[str, str, float], ...] = ()
+    component: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> DetectorSpec:
@@ -80,6 +84,7 @@ class DetectorSpec:
                 provenance=dict(d.get("provenance") or {}),
                 position=str(d.get("position", "response")),
                 interactions=tuple((str(a), str(b), float(c)) for a, b, c in (d.get("interactions") or [])),
+                component=bool(d.get("component", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
@@ -121,6 +126,8 @@ class DetectorSpec:
             d["bias"] = self.bias
         if self.interactions:
             d["interactions"] = [list(t) for t in self.interactions]
+        if self.component:
+            d["component"] = True
         d["metrics"] = dict(self.metrics)
         d["provenance"] = dict(self.provenance)
         return d

@@ -261,7 +261,7 @@ class RunningScores:
             means = self.latent_sums[det.spec.hook_point] / n
             recent = self.ema[i] / (1.0 - (1.0 - self.alpha[i]) ** self.count[i])
             out.append(det.result(float(score), float(recent), means, n, self._d.reports))
-        return out + self._d._stacks(out)
+        return [r for r in out + self._d._stacks(out) if r.name not in self._d.components]
 
 
 class DetectorSet:
@@ -292,6 +292,10 @@ class DetectorSet:
                 if m not in by_name or by_name[m].kind in COMPOSITES:
                     raise BundleError(f"detector {c.name}: member {m!r} is not a probe or ensemble of this bundle")
         self.reads = {s.name: _reads(s, by_name) for s in self.specs}
+        self.components = frozenset(s.name for s in self.specs if s.component)
+        for s in self.specs:
+            if s.component and (s.critical or s.kind in COMPOSITES):
+                raise BundleError(f"detector {s.name}: a component is a probe read by a stack, never critical")
         for s in self.specs:
             if s.critical and "response" not in self.reads[s.name]:
                 raise BundleError(

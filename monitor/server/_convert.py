@@ -147,6 +147,8 @@ def catalog(bundle: Bundle, limits: Limits, detectors: DetectorSet) -> pb.Detect
     dtypes = [pb.DType.Name(int(d)) for d in DType]
     infos = []
     for s in detectors.specs:
+        if s.component:
+            continue  # read by a stack, never reported on its own
         lat = [int(i) for i in detectors.detector(s.name).latent_ids] if s.kind != "stack" else []
         infos.append(
             pb.DetectorInfo(

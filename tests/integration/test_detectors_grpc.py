@@ -39,7 +39,7 @@ def fixed_sample(bundle: Bundle) -> Sample:
     model, tok = load_default_model()
     out: Sample = {}
     for beh in sorted({s.behaviour for s in ds.specs}):
-        spec = next(s for s in ds.specs if s.behaviour == beh)
+        spec = next(s for s in ds.specs if s.behaviour == beh and not s.component)
         rows = [r for stem in data_files(beh) for r in load_rows(stem)]
         keep = sample_groups(rows, *scored_sources(spec))
         rows = [r for r in rows if r.group in keep]
@@ -50,21 +50,33 @@ def fixed_sample(bundle: Bundle) -> Sample:
 
 def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
     ds = DetectorSet.from_bundle(bundle)
-    kinds = {(s.behaviour, s.kind) for s in ds.specs}
+    kinds = {(s.behaviour, s.kind) for s in ds.specs if not s.component}
     probes = ("deceptive_setup", "deceptive_answer", "sycophancy", "refusal", "harmful_request")
     assert kinds == {(b, k) for b in probes for k in ("sae_probe", "linear_probe", "ensemble")} | {
         ("harmful_compliance", "stack")
     }
-    assert {s.name for s in ds.specs if s.position == "decision"} == {
+    assert {s.name for s in ds.specs if s.position == "decision" and not s.component} == {
         f"{b}.{k}" for b in ("harmful_request", "deceptive_setup") for k in KINDS[:3]
+    }
+    # the direct probe read by the stack: its prompt half and its answer half, never reported alone
+    assert {(s.name, s.position) for s in ds.specs if s.component} == {
+        ("harmful_compliance.prompt_part", "decision"),
+        ("harmful_compliance.answer_part", "response"),
     }
     # the one critical detector reads the answer; no prompt-only detector is critical
     assert {s.name for s in ds.specs if s.critical} == {"harmful_compliance"}
     assert ds.reads["harmful_compliance"] == "prompt+response"
     compliance = next(s for s in ds.specs if s.name == "harmful_compliance")
-    assert set(compliance.members) == {"harmful_request.ensemble", "refusal.ensemble"}
+    assert set(compliance.members) == {
+        "harmful_request.ensemble",
+        "refusal.ensemble",
+        "harmful_compliance.prompt_part",
+        "harmful_compliance.answer_part",
+    }
     assert compliance.members["harmful_request.ensemble"] > 0 and compliance.interactions
     for s in ds.specs:
+        if s.component:
+            continue
         assert "sample" in s.metrics
         assert "validation" in s.metrics or s.kind == "stack"  # a stack is scored out-of-fold, on other sources
         if s.kind != "stack":
@@ -125,7 +137,7 @@ def test_projected_mode_matches_full_activations(sidecar: ServerThread, fixed_sa
         hp = catalog.hook_points[0]
         assert hp.encoder_slice is not None
         sl = hp.encoder_slice
-        assert len(sl.latent_ids) <= 5 * 32 and sl.dense_columns == 5 and sl.width == len(sl.latent_ids) + 5
+        assert len(sl.latent_ids) <= 5 * 32 and sl.dense_columns == 7 and sl.width == len(sl.latent_ids) + 7
         assert {d.kind for d in catalog.detector_infos} == {"sae_probe", "linear_probe", "ensemble", "stack"}
         for i in range(4):
             full = client.score(

@@ -94,7 +94,7 @@ def test_get_detectors_describes_bundle(sidecar: ServerThread) -> None:
         "harmful_compliance",
     }
     sl = cat.hook_points[0].encoder_slice
-    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 5
+    assert sl is not None and sl.w_enc.shape == (576, sl.width) and sl.dense_columns == 7
 
 
 def test_health_serving_and_reflection(sidecar: ServerThread) -> None:
