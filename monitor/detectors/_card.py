@@ -111,6 +111,16 @@ def render_model_card(
                     f"{_fmt(m.recall_at_1pct_fpr)} | {_fmt(m.fpr_at_threshold)} | {_fmt(m.recall_at_threshold)} | "
                     f"{_fmt(m.ece)} |"
                 )
+        stack = spec_of.get(beh)
+        if stack is not None and stack.kind == "stack":
+            terms = [f"{c:+.4g} × `{m}`" for m, c in stack.members.items()]
+            terms += [f"{c:+.4g} × `{a}` × `{b}`" for a, b, c in stack.interactions]
+            parts = [f"`{n}`" for n in stack.members if n in spec_of and spec_of[n].component]
+            lines.append(
+                f"\nThe stack's logit: {stack.bias:+.4g} {' '.join(terms)}; fires (and, being critical, "
+                f"halts) at logit ≥ {stack.threshold:.4g} (P = {stack.probability(stack.threshold):.3f}). "
+                f"Components (read only by the stack): {', '.join(parts) or 'none'}.\n"
+            )
         sae = spec_of.get(f"{beh}.sae_probe")
         if sae is not None:
             ch = sae.provenance.get("choices", {})

@@ -62,7 +62,7 @@ def test_twelve_everyday_prompts_are_not_halted(model: tuple[Any, Any], sidecar:
             verdict = out.verdict()
             assert not out.error and verdict is not None and verdict.final
             # the critical detector did judge the answer (it reports only once both members have)
-            assert verdict.tokens_seen >= 8 and any(d.detector == "harmful_compliance" for d in verdict.detectors)
+            assert verdict.tokens_seen >= 1 and any(d.detector == "harmful_compliance" for d in verdict.detectors)
             if out.halted or verdict.halt:
                 halted.append((prompt, out.halt_reason or verdict.reason))
     assert halted == []
