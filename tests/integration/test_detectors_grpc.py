@@ -73,7 +73,7 @@ def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
         "harmful_compliance.prompt_part",
         "harmful_compliance.answer_part",
     }
-    assert compliance.members["harmful_request.ensemble"] > 0 and compliance.interactions
+    assert compliance.members["harmful_compliance.answer_part"] > 0 and compliance.interactions
     for s in ds.specs:
         if s.component:
             continue
@@ -89,7 +89,7 @@ def test_bundle_declares_every_kind_for_every_behaviour(bundle: Bundle) -> None:
 def test_sample_figures_reproduce_through_grpc(sidecar: ServerThread, bundle: Bundle, fixed_sample: Sample) -> None:
     ds = DetectorSet.from_bundle(bundle)
     hook = bundle.hook_points[0].name
-    recorded = {s.name: s.metrics["sample"]["auroc"] for s in ds.specs}
+    recorded = {s.name: s.metrics["sample"]["auroc"] for s in ds.specs if not s.component}
     fired = 0
     with MonitorClient(sidecar.target) as client:
         for beh, (rows, tokens, decision) in fixed_sample.items():
