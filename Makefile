@@ -9,7 +9,7 @@ STAMP := .make/installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := .make/vllm-installed
 
-.PHONY: install prometheus-tools install-vllm demo demo-vllm test test-unit lint proto proto-check bench bundle detectors evaluate clean
+.PHONY: install prometheus-tools install-vllm demo demo-vllm test test-unit lint proto proto-check bench bundle bundle-smoke detectors evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -84,13 +84,24 @@ detectors: $(STAMP)
 evaluate: $(STAMP)
 	$(PYTHON) -m monitor evaluate
 
-# Rebuild the default SAE from scratch (about 1 h on 2 CPU cores; see monitor/assets/default/sae/CARD.md).
-SAE_ACTS ?= runs/acts-l16
+# Build the default bundle from scratch with the public command, `monitor bundle build` (hours on 2 CPU
+# cores: the model's answers, 1.2M collected tokens, the SAE, the detectors): the default SAE's training
+# settings, into $(BUNDLE_OUT), resumable from $(BUNDLE_OUT).work (re-run after an interruption). It does
+# not overwrite the shipped bundle: compare $(BUNDLE_OUT)/model-card.md with docs/model-card.md, then copy.
+BUNDLE_OUT ?= runs/bundle-default
+DEFAULT_BUNDLE_ARGS := --model HuggingFaceTB/SmolLM2-135M-Instruct --hook-point blocks.16.hook_resid_post \
+	--name smollm2-135m-default --alias SmolLM2-135M-Instruct --alias smollm2-135m-instruct
 bundle: $(STAMP)
-	$(PYTHON) -m monitor collect --out $(SAE_ACTS) --hook-point blocks.16.hook_resid_post --tokens 1200000
-	$(PYTHON) -m monitor train-sae --activations $(SAE_ACTS) --out monitor/assets/default/sae \
-		--hook-point blocks.16.hook_resid_post --d-sae 4608 --steps 3000 --batch-size 2048 --lr 1e-3 \
-		--l1-coefficient 2.0 --target-l0 45 --eval-tokens 200000 --lm-eval-conversations 64
+	$(PYTHON) -m monitor bundle build $(DEFAULT_BUNDLE_ARGS) --out $(BUNDLE_OUT) \
+		--d-sae 4608 --sae-tokens 1200000 --sae-steps 3000 --sae-batch-size 2048 --sae-lr 1e-3 \
+		--sae-l1-coefficient 2.0 --sae-target-l0 45 --sae-eval-tokens 200000 --sae-lm-eval-conversations 64
+
+# The same command on a small slice (12 rows per labeled source, a 256-latent SAE on 24k tokens):
+# minutes, to check the whole chain on this machine. Its figures mean nothing.
+bundle-smoke: $(STAMP)
+	$(PYTHON) -m monitor bundle build $(DEFAULT_BUNDLE_ARGS) --out runs/bundle-smoke --engine hf --limit 12 \
+		--d-sae 256 --sae-tokens 24000 --sae-steps 200 --sae-batch-size 1024 --sae-eval-tokens 4000 \
+		--sae-lm-eval-conversations 8
 
 clean:
 	rm -rf .make $(VLLM_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -98,7 +98,7 @@ FAMILIES: Mapping[str, Family] = {
     f.architecture: f
     for f in (
         Family("LlamaForCausalLM", "llama", "tested", _AUX.format(file="llama.py", cls="LlamaModel")),
-        Family("MistralForCausalLM", "mistral", "read from source", "mistral.py MistralModel.forward: LlamaModel's"),
+        Family("MistralForCausalLM", "mistral", "tested", "mistral.py MistralModel.forward: LlamaModel's"),
         Family("Qwen2ForCausalLM", "qwen2", "tested", _AUX.format(file="qwen2.py", cls="Qwen2Model")),
         Family("Qwen3ForCausalLM", "qwen3", "read from source", "qwen3.py Qwen3Model(Qwen2Model): Qwen2Model's"),
         Family("Gemma2ForCausalLM", "gemma2", "unsupported", _NO_AUX.format(cls="Gemma2ForCausalLM")),

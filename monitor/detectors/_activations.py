@@ -75,9 +75,10 @@ def response_activations(
     """Per row, ``[1 + response_tokens, d_model]`` float32: decision position, then response tokens.
 
     Rows are batched in order of length (little padding) and the forward pass stops at the hook
-    point's layer; the result is in the rows' order.
+    point's layer; the result is in the rows' order, on the CPU whatever device the model is on.
     """
     layer = decoder_layer(model, hook_point)
+    device = model.get_input_embeddings().weight.device
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module: Any, inputs: Any, output: Any) -> None:
@@ -103,12 +104,16 @@ def response_activations(
             idx = order[i : i + batch_size]
             enc = tokenizer([texts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             with contextlib.suppress(_Captured):
-                model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                model.model(
+                    input_ids=enc["input_ids"].to(device),
+                    attention_mask=enc["attention_mask"].to(device),
+                    use_cache=False,
+                )
             h = captured["h"]
             for k, j in enumerate(idx):
                 a, b = spans[j]
                 b = min(b, int(enc["attention_mask"][k].sum()))
-                out[j] = h[k, a:b].float().clone()
+                out[j] = h[k, a:b].float().cpu().clone()
     finally:
         handle.remove()
         tokenizer.padding_side = old_side

@@ -140,6 +140,7 @@ def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, 
     layers = {hp: layer_of(hp) for hp in cfg.hook_points}
     last = max(layers.values())
     blocks = decoder_layers(model)
+    device = model.get_input_embeddings().weight.device
     captured: dict[str, torch.Tensor] = {}
 
     def make_hook(hp: str, stop: bool) -> Any:
@@ -178,10 +179,14 @@ def collect(model: Any, tokenizer: Any, cfg: CollectConfig, out: str | Path, *, 
             enc = encode_conversations(tokenizer, batch, cfg.context_size)
             captured.clear()
             with torch.no_grad(), contextlib.suppress(_StopForward):
-                model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                model.model(
+                    input_ids=enc["input_ids"].to(device),
+                    attention_mask=enc["attention_mask"].to(device),
+                    use_cache=False,
+                )
             keep = keep_mask(enc["input_ids"], enc["attention_mask"], special, prefix)
             for hp in cfg.hook_points:
-                buf[hp].append(captured[hp][keep].to(store))
+                buf[hp].append(captured[hp].cpu()[keep].to(store))
             rows, cols = keep.nonzero(as_tuple=True)
             meta["token_ids"].append(enc["input_ids"][keep].to(torch.int32))
             meta["doc_ids"].append((rows + i).to(torch.int32))

@@ -51,6 +51,8 @@ def spliced_lm_loss(
     """CE loss of ``model`` on ``conversations`` clean / SAE-spliced / zero-ablated at ``sae.cfg.hook_point``."""
     check_hidden_size(model.config, sae.cfg.d_in, "sae d_in")
     layer = decoder_layer(model, sae.cfg.hook_point)
+    device = model.get_input_embeddings().weight.device
+    sae_device = sae.W_enc.device
     special = set(tokenizer.all_special_ids)
     prefix = _system_prefix_tokens(tokenizer)
     mode: dict[str, Any] = {"kind": "clean", "mask": None}
@@ -61,7 +63,8 @@ def spliced_lm_loss(
         hidden = output[0] if isinstance(output, tuple) else output
         mask = mode["mask"]
         if mode["kind"] == "splice":
-            repl = sae.decode(sae.encode(hidden.float())).to(hidden.dtype)
+            x = hidden.float().to(sae_device)  # the SAE may sit on the CPU while the model is on a GPU
+            repl = sae.decode(sae.encode(x)).to(hidden.device, hidden.dtype)
         else:
             repl = torch.zeros_like(hidden)
         new = torch.where(mask[..., None], repl, hidden)
@@ -74,7 +77,7 @@ def spliced_lm_loss(
         for i in tqdm(range(0, len(conversations), batch_size), desc="lm-loss", disable=not progress):
             batch = conversations[i : i + batch_size]
             enc = encode_conversations(tokenizer, batch, context_size)
-            ids, att = enc["input_ids"], enc["attention_mask"]
+            ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             mode["mask"] = keep_mask(ids, att, special, prefix)
             targets = ids[:, 1:].clone()
             targets[att[:, 1:] == 0] = -100

@@ -7,12 +7,14 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from monitor.hook_points import layer_of
 from monitor.sae._analysis import analyze_features, save_reports
 from monitor.sae._collect import ActivationStore, load_conversations
 from monitor.sae._config import SAEError
@@ -45,10 +47,17 @@ class SAEBuildConfig:
     seed: int = 0
 
 
-def build_sae(cfg: SAEBuildConfig, *, progress: bool = True) -> str:
-    """Run the whole build; returns the card's text (also written to ``out/CARD.md``)."""
+def build_sae(
+    cfg: SAEBuildConfig, *, progress: bool = True, load_model: Callable[[], tuple[Any, Any]] | None = None
+) -> str:
+    """Run the whole build; returns the card's text (also written to ``out/CARD.md``).
+
+    ``load_model`` returns ``(model, tokenizer)`` of the model the activations were collected from
+    (the feature reports decode its tokens, the LM-loss evaluation runs it); default: the default model.
+    """
     from monitor.models import load_default_model
 
+    load = load_model or load_default_model
     torch.manual_seed(cfg.seed)
     store = ActivationStore(cfg.activations)
     data = store.load(cfg.hook_point, with_meta=True)
@@ -80,7 +89,8 @@ def build_sae(cfg: SAEBuildConfig, *, progress: bool = True) -> str:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    reports = analyze_features(sae, acts, data["token_ids"], data["doc_ids"], _tokenizer(), progress=progress)
+    tokenizer = load()[1] if load_model is not None else _tokenizer()
+    reports = analyze_features(sae, acts, data["token_ids"], data["doc_ids"], tokenizer, progress=progress)
     save_reports(reports, out)
 
     convs = load_conversations(store.manifest.config["corpus"])
@@ -91,7 +101,7 @@ def build_sae(cfg: SAEBuildConfig, *, progress: bool = True) -> str:
             f"lm_eval_conversations: the last {cfg.lm_eval_conversations} conversations overlap the "
             f"{used} collected ones; collect fewer tokens or evaluate on fewer conversations"
         )
-    model, tokenizer = load_default_model()
+    model, tokenizer = load()
     splice = spliced_lm_loss(model, tokenizer, sae, held_convs, progress=progress)
 
     command = "monitor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "(python API)"
@@ -121,7 +131,7 @@ def build_sae(cfg: SAEBuildConfig, *, progress: bool = True) -> str:
         "command": command,
     }
     save(sae, out, extra={"training": training, "evaluation": evaluation})
-    card = _card(cfg, report, evaluation, training, len(reports))
+    card = _card(cfg, report, evaluation, training, len(reports), sae.cfg.d_in)
     (out / CARD).write_text(card)
     (out / "history.json").write_text(json.dumps(report.history))
     return card
@@ -138,7 +148,9 @@ def _tokenizer() -> object:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _card(cfg: SAEBuildConfig, report: TrainReport, ev: dict[str, float], tr: dict[str, Any], n_latents: int) -> str:
+def _card(
+    cfg: SAEBuildConfig, report: TrainReport, ev: dict[str, float], tr: dict[str, Any], n_latents: int, d_in: int
+) -> str:
     goals = [
         ("FVE >= 0.80", ev["fve"] >= 0.80),
         ("L0 <= 64", ev["l0"] <= 64),
@@ -149,7 +161,7 @@ def _card(cfg: SAEBuildConfig, report: TrainReport, ev: dict[str, float], tr: di
         f"# SAE card: {cfg.architecture} SAE, {cfg.d_sae} latents, {cfg.hook_point}",
         "",
         f"- **Model**: {tr['collection'].get('model_id', '')}; hook point `{cfg.hook_point}` (output of decoder "
-        "layer 16 of 30, d_in 576).",
+        f"layer {layer_of(cfg.hook_point)}, d_in {d_in}).",
         "- **Data**: `data/chat_corpus/conversations.jsonl.gz` (GSM8K, GPTeacher, HH-RLHF harmless; see its "
         "SOURCE.md), rendered with the model's chat template; special tokens and the injected system prompt skipped.",
         f"- **Tokens**: {tr['train_tokens']:,} training tokens, {report.tokens_seen:,} seen in {report.steps} steps "

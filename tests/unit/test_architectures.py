@@ -129,7 +129,7 @@ def test_every_family_is_registered_with_its_vllm_status() -> None:
     assert vllm == {
         "LlamaForCausalLM": "tested",  # tests/integration/test_vllm_architectures.py
         "Qwen2ForCausalLM": "tested",
-        "MistralForCausalLM": "read from source",
+        "MistralForCausalLM": "tested",  # tests/integration/test_bundle_build.py (two hook points)
         "Qwen3ForCausalLM": "read from source",
         "Gemma2ForCausalLM": "unsupported",
         "Gemma3ForCausalLM": "unsupported",
