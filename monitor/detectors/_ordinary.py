@@ -47,7 +47,7 @@ def split_of_id(row_id: str) -> str:
     """``held_out`` for a fixed half of the ids (by sha256), ``calibration`` for the rest.
 
     >>> split_of_id("A1_alpaca_eval-0"), split_of_id("A1_alpaca_eval-1")
-    ('held_out', 'calibration')
+    ('calibration', 'held_out')
     """
     h = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "little")
     return "held_out" if (h % 1000) < HELD_OUT_FRACTION * 1000 else "calibration"

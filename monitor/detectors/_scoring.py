@@ -269,7 +269,7 @@ class DetectorSet:
 
     >>> ds = DetectorSet.from_bundle(Bundle.load())
     >>> sorted({s.behaviour for s in ds.specs})
-    ['deception', 'harmful_compliance', 'harmfulness', 'refusal', 'sycophancy']
+    ['deceptive_answer', 'deceptive_setup', 'harmful_compliance', 'harmful_request', 'refusal', 'sycophancy']
     """
 
     def __init__(

@@ -72,10 +72,12 @@ def replay_streams(
 
 
 def threshold_for_halt_rate(peaks: Sequence[float], rate: float) -> float:
-    """The lowest threshold at which at most ``rate`` of these streams reach it.
+    """The lowest threshold at which at most ``rate`` of these streams reach it (just above the
+    highest peak that must stay below it).
 
-    >>> threshold_for_halt_rate([0.1, 0.2, 0.3, 0.9], 0.25)
-    0.9
+    >>> t = threshold_for_halt_rate([0.1, 0.2, 0.3, 0.9], 0.25)
+    >>> 0.3 < t < 0.3 + 1e-9
+    True
     """
     top = np.sort(np.asarray(peaks, dtype=np.float64))
     allowed = int(np.floor(rate * len(top)))
