@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import ServerConfig
 from monitor.detectors import default_bundle_path
+from monitor.integrations.vllm._process import find_vllm_python
 from monitor.server import BackgroundSidecar
 from monitor.server import SidecarProcess as ServeProcess  # noqa: F401 (re-exported for tests)
 from monitor.server._process import free_port as free_port
@@ -68,3 +69,12 @@ def always_firing_bundle(folder: Path) -> Path:
             d["threshold"] = -1e9
     (bundle / "bundle.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return bundle
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """Python of vLLM's environment (.venv-vllm); tests that need it skip, with the reason, without it."""
+    try:
+        return find_vllm_python()
+    except FileNotFoundError as exc:
+        pytest.skip(f"vLLM environment missing: {exc}")

@@ -369,14 +369,6 @@ def test_a_second_run_resumes_from_work(builder: Callable[[str], Built]) -> None
 # -- vLLM -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return find_vllm_python()
-    except FileNotFoundError as exc:
-        pytest.skip(f"vLLM environment missing: {exc}")
-
-
 def multi_layer_copy(built: Built, folder: Path) -> Path:
     """The built bundle plus two random linear probes at its second hook point (response, decision)."""
     shutil.copytree(built.out, folder)

@@ -26,7 +26,7 @@ import torch
 
 from monitor.client import Generation, MonitorClient
 from monitor.integrations.vllm import CONTENT_FILTER
-from monitor.integrations.vllm._process import REPO, VllmServer, find_vllm_python, vllm_env
+from monitor.integrations.vllm._process import REPO, VllmServer, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServerThread, always_firing_bundle, config, free_port
 
@@ -51,14 +51,6 @@ MAX_TOKENS = 40
 # HF side full rows that the sidecar projects. Measured over 12 requests: 1.7e-5 / 5e-6.
 SCORE_ATOL = 2e-3  # measured: 1.7e-5 (docs/vllm.md)
 PROB_ATOL = 1e-3  # measured: 5e-6
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return find_vllm_python()
-    except FileNotFoundError as exc:
-        pytest.skip(f"vLLM environment missing: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Llam
 
 from monitor.client import Generation, MonitorClient
 from monitor.detectors._manifest import ProbeWeights, save_probe_weights
-from monitor.integrations.vllm._process import REPO, find_vllm_python, vllm_env
+from monitor.integrations.vllm._process import REPO, vllm_env
 from monitor.models import default_model_cache, is_converted, load_default_model
 from tests.conftest import ServerThread, config
 
@@ -56,14 +56,6 @@ FAMILIES = {
 # How the adapter is switched on: engine_config(...) passed to LLM(...) (plugins off), or only
 # SAFETY_MONITOR_SIDECAR set, so the plugin fills in the engine arguments from the sidecar's catalog.
 SWITCH = {"LlamaForCausalLM": "engine_config", "Qwen2ForCausalLM": "plugin"}
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return find_vllm_python()
-    except FileNotFoundError as exc:
-        pytest.skip(f"vLLM environment missing: {exc}")
 
 
 @pytest.fixture(scope="module")
