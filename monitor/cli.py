@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "text): check everything that can be checked first (exit 2 with one line), generate the model's own answers "
         "to the prompts that need them, rebuild the labeled sets from them, import or train the SAE, then fit, "
         "calibrate and evaluate the detectors and write bundle.yaml, detectors.safetensors, sae/ and model-card.md "
-        "into --out. Detectors are fitted at the FIRST --hook-point; further hook points are declared (validated, "
-        "captured and sent by the clients and the vLLM adapter) but carry no detectors yet. Every step resumes from "
+        "into --out. The FIRST --hook-point gets the full recipe (SAE probes, dense probes, ensembles, the critical "
+        "stack); each further one a dense probe per behaviour. Every step resumes from "
         "--work: re-run the same command after an interruption.",
     )
     p.set_defaults(func=_bundle_build)

@@ -10,11 +10,10 @@ from ``<work>``:
 4. the three sets built from those answers (``_data.rebuild``);
 5. the SAE, imported or trained (``_sae``), into ``<out>/sae``;
 6. ``bundle.yaml``'s head (model, hook points, SAE), then ``build_detectors`` fits, calibrates,
-   evaluates and writes the detectors at the first hook point (activations cached in
-   ``<work>/acts``), then ``model-card.md``.
+   evaluates and writes the detectors (activations cached in ``<work>/acts``), then ``model-card.md``.
 
-Hook points after the first are declared (the sidecar validates them, clients and the vLLM
-adapter capture and send them) but carry no detectors: ``build_detectors`` fits at the first.
+The first hook point, the SAE's, gets the full recipe; each later one a dense probe per behaviour
+(``build_detectors``), which the sidecar, the clients and the vLLM adapter serve like any other.
 """
 
 from __future__ import annotations
@@ -249,8 +248,8 @@ def write_head(out: Path, cfg: BuildConfig, pre: Preflight) -> None:
     ]
     lines = [
         f"# Detector bundle for {cfg.resolved_model_id} ({pre.family.architecture}), by `monitor bundle build`.",
-        f"# Activations: {cfg.model} loaded in {cfg.dtype}; the detectors are fitted at the first hook point, the",
-        "# others are declared (validated, captured and sent by clients) and carry no detectors yet.",
+        f"# Activations: {cfg.model} loaded in {cfg.dtype}; the full recipe at the first hook point (the SAE's),",
+        "# a dense probe per behaviour at each later one.",
         yaml.safe_dump(head, sort_keys=False).rstrip(),
         yaml.safe_dump({"hook_points": hooks}, sort_keys=False).rstrip(),
         "# The SAE the detectors read through (its config records its hook point and source).",

@@ -38,8 +38,8 @@ class BuildConfig:
     """One build: the model, where to read it, the SAE, how answers are generated, where files go.
 
     model: a transformers folder, a ``.gguf`` file or a Hugging Face id in the local cache.
-    hook_points: ``blocks.L.hook_resid_post``; detectors are fitted at the first, the others are
-        declared (served and captured, no detectors yet).
+    hook_points: ``blocks.L.hook_resid_post``; the full recipe at the first (the SAE's), a dense
+        probe per behaviour at each of the others.
     out: the bundle folder written; work: resumable intermediate files (default ``<out>.work``).
     sae: a pretrained SAE (native, SAELens, sparsify folder or Gemma Scope ``params.npz``), or
     training: how to train one. Exactly one of the two.

@@ -212,15 +212,22 @@ def score_labeled(
     return {k: np.array(v) for k, v in out.items()}
 
 
-def evaluate_behaviour(ds: DetectorSet, data: LabeledTokens) -> dict[str, dict[str, SplitMetrics]]:
-    """Figures per detector (and the phrase baseline for refusal) per held-out split and the sample."""
+def evaluate_behaviour(
+    ds: DetectorSet, data: LabeledTokens, hook_point: str | None = None
+) -> dict[str, dict[str, SplitMetrics]]:
+    """Figures per detector (and the phrase baseline for refusal) per held-out split and the sample.
+
+    ``data`` holds activations at ``hook_point`` (default: the first detector's of the behaviour);
+    only the detectors reading that hook point are scored.
+    """
     specs = [s for s in ds.specs if s.behaviour == data.behaviour and not s.component]
+    hook = hook_point or (specs[0].hook_point if specs else "")
+    specs = [s for s in specs if s.hook_point == hook]
     if not specs:
         return {}
     prov = specs[0].provenance
     train, cross = scored_sources(specs[0])
     diagnostic = [str(c) for c in prov.get("diagnostic_sources", [])]
-    hook = specs[0].hook_point
     mine = {s.name for s in specs}
     everything = score_labeled(ds, hook, data.tokens, data.decision)
     scores = {k: v for k, v in everything.items() if k in mine}
@@ -281,25 +288,26 @@ def build_detectors(
         }
     latents: set[int] = {int(i) for p in probes.values() if p.latents is not None for i in p.latents}
     never = evaluation_only_groups(data)
-    labeled = {}
-    for beh in behaviours:
-        cfg = replace(RECIPES[beh], hook_point=hook)
-        labeled[beh] = load_labeled(beh, hook, cache_dir, load_model, data)
-        log(f"{beh}: fitting on {'+'.join(cfg.fit_sources)} ({len(labeled[beh].rows)} rows in the file)")
-        rows, tokens = list(labeled[beh].rows), list(labeled[beh].rows_at(cfg.position))
-        for other in cfg.negatives_from:
-            extra = load_labeled(other, hook, cache_dir, load_model, data)
-            own = RECIPES[other].train_source
-            for r, t in zip(extra.rows, extra.rows_at(cfg.position), strict=True):
-                if r.source == own and not is_validation(r.group) and r.group not in never:
-                    rows.append(LabeledRow(beh, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
-                    tokens.append(t)
-        fitted = fit_behaviour(cfg, rows, tokens, sae, log=log, never=never)
-        made = _made(f"data/detectors/{cfg.data_file}.jsonl")
-        made["data_sha256"] = hashlib.sha256((data / f"{cfg.data_file}.jsonl").read_bytes()).hexdigest()
-        specs.extend(replace(sp, provenance={**sp.provenance, **made}) for sp in fitted.specs)
-        probes.update(fitted.probes)
-        latents.update(fitted.latents)
+    labeled: dict[str, LabeledTokens] = {}
+    later: dict[tuple[str, str], LabeledTokens] = {}  # (behaviour, hook point) after the first
+    for hp in [h.name for h in bundle.hook_points]:
+        # The first hook point gets the SAE probe, the dense probe and their ensemble; each later
+        # one a dense probe of its own (the bundle's SAE reads the first), fitted the same way.
+        for beh in behaviours:
+            cfg = replace(RECIPES[beh], hook_point=hp)
+            got = load_labeled(beh, hp, cache_dir, load_model, data)
+            if hp == hook:
+                labeled[beh] = got
+            else:
+                later[(beh, hp)] = got
+            log(f"{beh}: fitting at {hp} on {'+'.join(cfg.fit_sources)} ({len(got.rows)} rows in the file)")
+            rows, tokens = _fitting_rows(cfg, got, cache_dir, load_model, data, never)
+            fitted = fit_behaviour(cfg, rows, tokens, sae if hp == hook else None, log=log, never=never)
+            made = _made(f"data/detectors/{cfg.data_file}.jsonl")
+            made["data_sha256"] = hashlib.sha256((data / f"{cfg.data_file}.jsonl").read_bytes()).hexdigest()
+            specs.extend(replace(sp, provenance={**sp.provenance, **made}) for sp in fitted.specs)
+            probes.update(fitted.probes)
+            latents.update(fitted.latents)
     names = {sp.name for sp in specs}
     if REQUEST_MEMBER in names and REFUSAL_MEMBER in names:
         members = DetectorSet(specs, probes, bundle, sae)
@@ -324,7 +332,9 @@ def build_detectors(
     ds = DetectorSet.from_bundle(Bundle.load(bundle_dir), sae)
     if any(sp.behaviour == COMPLIANCE for sp in ds.specs):
         labeled[COMPLIANCE] = load_labeled(COMPLIANCE, hook, cache_dir, load_model, data)
-    results = {beh: evaluate_behaviour(ds, data) for beh, data in labeled.items()}
+    results = {beh: evaluate_behaviour(ds, got) for beh, got in labeled.items()}
+    for (beh, hp), got in later.items():
+        results[beh].update(evaluate_behaviour(ds, got, hook_point=hp))
     entries = []
     for sp in ds.specs:
         figures = results.get(sp.behaviour, {}).get(sp.name)
@@ -344,6 +354,27 @@ def build_detectors(
         streams = ordinary_stream_rates(Bundle.load(bundle_dir), ds, labeled[COMPLIANCE])
     write_manifest_detectors(bundle_dir, entries, baselines, streams)
     return results
+
+
+def _fitting_rows(
+    cfg: FitConfig,
+    labeled: LabeledTokens,
+    cache_dir: Path,
+    load_model: Callable[[], Any],
+    data: Path,
+    never: frozenset[str],
+) -> tuple[list[LabeledRow], list[np.ndarray]]:
+    """A behaviour's rows and activations at ``cfg.hook_point``, plus the fitting rows of the
+    behaviours ``cfg.negatives_from`` names, relabeled as its negatives."""
+    rows, tokens = list(labeled.rows), list(labeled.rows_at(cfg.position))
+    for other in cfg.negatives_from:
+        extra = load_labeled(other, cfg.hook_point, cache_dir, load_model, data)
+        own = RECIPES[other].train_source
+        for r, t in zip(extra.rows, extra.rows_at(cfg.position), strict=True):
+            if r.source == own and not is_validation(r.group) and r.group not in never:
+                rows.append(LabeledRow(cfg.behaviour, f"negatives:{other}", f"neg-{r.group}", r.prompt, r.response, 0))
+                tokens.append(t)
+    return rows, tokens
 
 
 def _made(data: str) -> dict[str, Any]:
@@ -377,7 +408,11 @@ def ordinary_stream_rates(bundle: Bundle, ds: DetectorSet, data: LabeledTokens) 
             "streams": n,
             "halted": sum(bool(o.halt) for o in mine) / n,
             "any_critical_fired": sum(bool(o.fired & crit) for o in mine) / n,
-            "detectors": {s.name: sum(s.name in o.fired for o in mine) / n for s in ds.specs if not s.component},
+            "detectors": {
+                s.name: sum(s.name in o.fired for o in mine) / n
+                for s in ds.specs
+                if not s.component and s.hook_point == bundle.hook_points[0].name
+            },
         }
     benign = [o for i, o in zip(idx, outcomes, strict=True) if kinds.get(data.rows[i].group) != "harmful"]
     return {
@@ -402,8 +437,12 @@ def evaluate_bundle(
     """Re-score every held-out split of a shipped bundle (or of ``behaviours``) through the serving code."""
     ds = DetectorSet.from_bundle(bundle)
     behaviours = list(behaviours or dict.fromkeys(s.behaviour for s in ds.specs))
-    hook = ds.specs[0].hook_point if ds.specs else bundle.hook_points[0].name
-    return {b: evaluate_behaviour(ds, load_labeled(b, hook, cache_dir, load_model, data)) for b in behaviours}
+    out: dict[str, dict[str, dict[str, SplitMetrics]]] = {}
+    for b in behaviours:
+        out[b] = {}
+        for hp in dict.fromkeys(s.hook_point for s in ds.specs if s.behaviour == b):
+            out[b].update(evaluate_behaviour(ds, load_labeled(b, hp, cache_dir, load_model, data), hook_point=hp))
+    return out
 
 
 def compare_with_manifest(

