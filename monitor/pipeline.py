@@ -413,10 +413,12 @@ class StreamScorer:
         index = self.chunks
         self.chunks += 1
         self.finished = chunk.final
-        if chunk.final and self.tokens_seen == 0:
+        if chunk.final and self.tokens_seen == 0 and not self._decision_seen:
+            # A decision row alone is enough: a 1-token answer has no response row (its only token
+            # is never fed back through the model), and the prompt detectors still read the decision.
             raise InvalidInput(
                 "activations",
-                "at least one activation row over the stream (a stream without activations scores nothing)",
+                "at least one activation or decision row over the stream (a stream without either scores nothing)",
                 "none by the final chunk",
                 reason="missing",
             )

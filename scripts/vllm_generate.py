@@ -27,6 +27,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="generate the whole set this many times (timed each)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (random-weight models)")
+    p.add_argument("--max-num-seqs", type=int, help="vLLM's max_num_seqs (default: vLLM's own default)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--num-blocks", type=int, help="num_gpu_blocks_override: a small KV cache forces preemption")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass")
+    p.add_argument(
+        "--params",
+        help="JSON list, one object per prompt, of SamplingParams overrides (e.g. n, max_tokens); default: none",
+    )
     ns = p.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -37,45 +45,73 @@ def main() -> int:
 
         settings = resolve_settings(AdapterSettings(sidecar=ns.sidecar, projected=not ns.full_rows))
         kwargs = engine_config(settings)
+    if ns.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = ns.max_num_seqs
+    if ns.num_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = ns.num_blocks
     llm = LLM(
         model=ns.model,
         dtype=ns.dtype,
         enforce_eager=ns.eager,
-        max_model_len=2048,
-        max_num_seqs=32,
+        max_model_len=ns.max_model_len,
         seed=0,
+        disable_log_stats=False,
         **kwargs,
     )
     prompts = json.loads(Path(ns.prompts).read_text())
-    params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0, ignore_eos=ns.ignore_eos)
-    # Warm-up, not timed: the whole batch once, short (the first full batch runs ~20 % slower).
-    warm = SamplingParams(max_tokens=8, temperature=0.0)
-    llm.chat([[{"role": "user", "content": q}] for q in prompts], warm, use_tqdm=False)
+    base = {"max_tokens": ns.max_tokens, "temperature": 0.0, "ignore_eos": ns.ignore_eos}
+    overrides = json.loads(Path(ns.params).read_text()) if ns.params else [{}] * len(prompts)
+    params = [SamplingParams(**{**base, **o}) for o in overrides]
+    if not ns.no_warmup:
+        # Warm-up, not timed: the whole batch once, short (the first full batch runs ~20 % slower).
+        warm = SamplingParams(max_tokens=8, temperature=0.0)
+        llm.chat([[{"role": "user", "content": q}] for q in prompts], warm, use_tqdm=False)
     runs = []
     outputs = []
     for _ in range(ns.repeats):
         t0 = time.perf_counter()
         outputs = llm.chat([[{"role": "user", "content": q}] for q in prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - t0
-        runs.append({"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
+        runs.append({"seconds": seconds, "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)})
     result = {
         "monitored": bool(ns.sidecar),
         "runs": runs,
+        "metrics": _counters(llm),
         "requests": [
             {
-                "request_id": o.request_id,
+                # n > 1: each completion is its own engine request, "<index>_<request id>"
+                "request_id": o.request_id if len(o.outputs) == 1 else f"{c.index}_{o.request_id}",
                 "prompt_ids": list(o.prompt_token_ids or []),
-                "output_ids": list(o.outputs[0].token_ids),
-                "text": o.outputs[0].text,
-                "finish_reason": o.outputs[0].finish_reason,
-                "stop_reason": o.outputs[0].stop_reason,
+                "output_ids": list(c.token_ids),
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
             }
             for o in outputs
+            for c in o.outputs
         ],
     }
     Path(ns.out).write_text(json.dumps(result))
     del llm  # shut the engine down (and with it the adapter's streams) before exiting
     return 0
+
+
+def _counters(llm: object) -> dict[str, float]:
+    """vLLM's own counters (preemptions, the adapter's ``vllm:safety_monitor_*``), when it has them."""
+    out: dict[str, float] = {}
+    try:
+        metrics = llm.get_metrics()  # type: ignore[attr-defined]
+    except Exception:
+        return out
+    for m in metrics:
+        name = getattr(m, "name", "")
+        value = getattr(m, "value", None)
+        if isinstance(value, (int, float)):
+            labels = getattr(m, "labels", {}) or {}
+            reason = labels.get("reason")
+            key = f"{name}[{reason}]" if reason else name
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 if __name__ == "__main__":

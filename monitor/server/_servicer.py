@@ -52,7 +52,7 @@ class Admission:
     """
 
     max_in_flight: int = 64
-    max_streams: int = 32
+    max_streams: int = 1024
     stream_idle_seconds: float = 30.0
     max_stream_chunks: int = 16384
 

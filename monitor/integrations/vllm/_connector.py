@@ -3,57 +3,55 @@
 Capture: vLLM's ``extract_hidden_states`` speculative method stores the hook layers' output of
 every computed position in a cache-only KV layer, inside the model's own step (so it works under
 torch.compile and CUDA graphs and for prefix-cached blocks, which keep their rows). This connector
-never touches the forward pass. After each step (``wait_for_save``, which vLLM runs after the
-pseudo-draft wrote the step's rows) the worker side gathers, in one indexing op for the whole
-batch, the rows of the positions that became final this step, optionally projects them through
-the bundle's encoder slice on the device, and hands them to ``SidecarStreams`` (a background
-thread; the step never waits for the network).
+never touches the forward pass.
+
+Shaped like vLLM's own connectors (``NixlConnector``): this class is a thin facade; vLLM builds one
+per role, and each forwards to its side, ``MonitorScheduler`` (``_scheduler``: which positions are
+final at each step) or ``MonitorWorker`` (``_worker``: gather, project, hand to the streams). The
+patches of vLLM internals live in ``_patches``; counters go out as vLLM connector stats (``_stats``).
 
 Which rows: the decision position ``prompt_len - 1`` (the last prompt-template token, where the
-model decides how to answer; sent once, in the stream's ``decision`` field: vLLM always computes
-that position afresh, prefix cache or not) and the response tokens, positions
-``prompt_len .. len(tokens) - 2``, the inputs the detectors were fitted on. The last generated
-token is never fed back through the model, so it has no row in any capture method: a verdict
-covers all output tokens but the last. Speculative
-positions are read only once accepted (the scheduler's ``num_computed_tokens`` moved past them).
+model decides how to answer; sent once, in the stream's ``decision`` field) and the response
+tokens, positions ``prompt_len .. len(tokens) - 2``, the inputs the detectors were fitted on. The
+last generated token is never fed back through the model, so it has no row: a verdict covers all
+output tokens but the last.
 
 HALT: the sidecar's advice comes back on the stream; the worker reports the request in its
 per-step worker metadata; the scheduler side marks it, and the next stop check finishes it with
-``stop_reason = "safety_monitor_halt"``. The API server (see ``_plugin``) shows that as
-``finish_reason: "content_filter"``.
+``stop_reason = "safety_monitor_halt"``, shown by the API server as ``finish_reason:
+"content_filter"``.
 
-Scheduler side and worker side are the same class (vLLM builds one per role).
+Monitoring off: an engine mode the adapter cannot read correctly (async scheduling), an
+unsupported vLLM version or a patch that failed its self-test turn this connector into a no-op for
+the engine (logged once, counted in ``vllm:safety_monitor_modes_refused_total``); vLLM serves on.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 
 from monitor.architectures import check_hidden_size
-from monitor.integrations.vllm._settings import (
-    HALT_STOP_REASON,
-    AdapterSettings,
-    check_engine_model,
-    external_id,
-    wait_for_catalog,
-)
+from monitor.integrations.vllm import _patches
+from monitor.integrations.vllm._metadata import HaltReport, StepMetadata
+from monitor.integrations.vllm._scheduler import MonitorScheduler, refused_mode
+from monitor.integrations.vllm._settings import AdapterSettings, check_engine_model, wait_for_catalog
+from monitor.integrations.vllm._stats import MonitorPromMetrics, MonitorStats
 from monitor.integrations.vllm._streams import SidecarStreams
+from monitor.integrations.vllm._worker import MonitorWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -63,39 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.safety_monitor")  # a child of vLLM's logger: shows in its logs
 
 
-@dataclass
-class _Read:
-    """Positions ``[start, end)`` of one request whose rows became final this step."""
-
-    req_id: str
-    start: int
-    end: int
-
-
-@dataclass
-class StepMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, once per step."""
-
-    opened: dict[str, list[int]] = field(default_factory=dict)  # req -> prompt token ids
-    blocks: dict[str, list[int]] = field(default_factory=dict)  # req -> hidden-state block ids to append
-    replaced: set[str] = field(default_factory=set)  # resumed after preemption: blocks replace the old ones
-    reads: list[_Read] = field(default_factory=list)
-    finished: dict[str, list[int]] = field(default_factory=dict)  # req -> output token ids
-
-
-@dataclass
-class HaltReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, once per step: requests the sidecar advised to halt."""
-
-    halted: dict[str, str] = field(default_factory=dict)  # engine request id -> reason
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        if isinstance(other, HaltReport):
-            self.halted.update(other.halted)
-        return self
-
-
-class SafetyMonitorConnector(KVConnectorBase_V1):
+class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
     """Streams response-token activations to the safety-monitor sidecar; honours HALT."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
@@ -106,30 +72,28 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 "speculative_config: expected method 'extract_hidden_states' (it writes the hook layers' "
                 "rows that this connector streams); use monitor.integrations.vllm.engine_config()"
             )
-        self.settings = AdapterSettings.from_sources(self._kv_transfer_config.kv_connector_extra_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.settings = AdapterSettings.from_sources(extra)
         check_engine_model(vllm_config, self.settings)  # the plugin checked too, unless plugins are off
-        self._group = _hidden_state_group(kv_cache_config)
-        self._block_size = _block_size(vllm_config, kv_cache_config, self._group)
-        # scheduler side
-        self._next_read: dict[str, int] = {}  # request -> first position not yet read (starts at the decision row)
-        self._finished: dict[str, list[int]] = {}
-        self._halt_marks: dict[str, str] = {}
-        if role == KVConnectorRole.SCHEDULER and self.settings.halt:
-            _install_halt_check(self._halt_marks)
-        if role == KVConnectorRole.WORKER and not vllm_config.scheduler_config.async_scheduling:
-            _drop_pseudo_drafts()
-        # worker side
-        self._kv: torch.Tensor | None = None
-        self._blocks: dict[str, list[int]] = {}
-        self._prompt_len: dict[str, int] = {}
-        self._streams: SidecarStreams | None = None
-        self._slices: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._halted_lock = threading.Lock()
-        self._halted: dict[str, str] = {}
-        self._ext_to_engine: dict[str, str] = {}
-        self._sent_final: set[str] = set()
-        self._next_report = 0.0
-        self._reported = (0, 0)
+        group = _hidden_state_group(kv_cache_config)
+        self.off: str | None = refused_mode(vllm_config) or _patches.version_problem()
+        self._stats = MonitorStats()
+        if self.off is not None and role == KVConnectorRole.SCHEDULER:
+            log.error("safety monitor: %s; monitoring is OFF for this engine", self.off)
+        if (extra or {}).get("async_scheduling_refused"):  # the plugin turned it off for us
+            self._stats.add("modes_refused", 1, "async_scheduling")
+        self.scheduler: MonitorScheduler | None = None
+        self.worker: MonitorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = MonitorScheduler(group)
+            if self.off is None and self.settings.halt:
+                self.off = _patches.guarded("check_stop", lambda: _install_and_test_halt(self.scheduler))
+            if self.off is not None:
+                self._stats.add("modes_refused", 1, _reason(self.off))
+        else:
+            self.worker = MonitorWorker(self.settings, _block_size(vllm_config, kv_cache_config, group))
+            if self.off is None and not vllm_config.use_v2_model_runner:
+                _patches.guarded("extract_hidden_states proposer", _patches.drop_pseudo_drafts)  # cost only
 
     # ==== scheduler side =======================================================================
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -139,50 +103,23 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         return None
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = StepMetadata(finished=self._finished)
-        self._finished = {}
-        spec = scheduler_output.scheduled_spec_decode_tokens
-        n_sched = scheduler_output.num_scheduled_tokens
-        for new in scheduler_output.scheduled_new_reqs:
-            prompt = list(new.prompt_token_ids or ())
-            meta.opened[new.req_id] = prompt
-            meta.blocks[new.req_id] = list(new.block_ids[self._group])
-            meta.replaced.add(new.req_id)
-            self._next_read.setdefault(new.req_id, max(len(prompt) - 1, 0))
-            self._plan(meta, new.req_id, new.num_computed_tokens, n_sched, spec)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            new_blocks = cached.new_block_ids[i]
-            if new_blocks is not None:
-                meta.blocks[req_id] = list(new_blocks[self._group])
-                if req_id in cached.resumed_req_ids:
-                    meta.replaced.add(req_id)
-            if req_id in self._next_read:
-                self._plan(meta, req_id, cached.num_computed_tokens[i], n_sched, spec)
-        return meta
-
-    def _plan(
-        self, meta: StepMetadata, req_id: str, computed: int, n_sched: dict[str, int], spec: dict[str, list[int]]
-    ) -> None:
-        # Positions computed this step, minus speculative ones (read once accepted, next step).
-        end = computed + n_sched.get(req_id, 0) - len(spec.get(req_id, ()))
-        start = self._next_read[req_id]
-        if end > start:
-            meta.reads.append(_Read(req_id, start, end))
-            self._next_read[req_id] = end
+        assert self.scheduler is not None
+        if self.off is not None:
+            return StepMetadata()
+        return self.scheduler.build_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
-        if isinstance(report, HaltReport):
-            self._halt_marks.update(report.halted)
+        if isinstance(report, HaltReport) and self.scheduler is not None:
+            before = self.scheduler.halts_applied
+            self.scheduler.on_worker_report(report)
+            self._stats.add("halts_applied", self.scheduler.halts_applied - before)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Keep the blocks until the worker has sent the final chunk: that keeps the engine
-        stepping (with empty steps when idle) so the final metadata reaches the worker."""
-        self._next_read.pop(request.request_id, None)
-        self._halt_marks.pop(request.request_id, None)
-        self._finished[request.request_id] = list(request.output_token_ids)
-        return True, None
+        """Hold a monitored request's blocks until the worker has sent its final chunk: that keeps
+        the engine stepping (with empty steps when idle) so the final metadata reaches the worker."""
+        assert self.scheduler is not None
+        return self.scheduler.finished(request.request_id, request.output_token_ids), None
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
@@ -198,20 +135,21 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
         from vllm.model_executor.models.extract_hidden_states import CacheOnlyAttentionLayer
 
+        assert self.worker is not None
         layers = get_layers_from_vllm_config(self._vllm_config, CacheOnlyAttentionLayer, list(kv_caches))
         if len(layers) != 1:
             raise ValueError(f"hidden-state cache: expected 1 CacheOnlyAttentionLayer, got {len(layers)}")
-        self._kv = kv_caches[next(iter(layers))]
-        if self._kv.shape[2] != self._block_size:
-            raise ValueError(f"hidden-state cache: block size {self._kv.shape[2]} != {self._block_size}")
-        if get_tensor_model_parallel_rank() != 0:
-            return  # every TP rank holds the same rows: rank 0 streams them
-        self._start_streams()
+        kv = kv_caches[next(iter(layers))]
+        if kv.shape[2] != self.worker.block_size:
+            raise ValueError(f"hidden-state cache: block size {kv.shape[2]} != {self.worker.block_size}")
+        self.worker.kv = kv
+        if self.off is None and get_tensor_model_parallel_rank() == 0:  # every TP rank holds the same rows
+            self._start_streams(self.worker)
 
-    def _start_streams(self) -> None:
+    def _start_streams(self, worker: MonitorWorker) -> None:
         s = self.settings
         tokenizer = _load_tokenizer(self._vllm_config)
-        self._streams = streams = SidecarStreams(
+        streams = SidecarStreams(
             s.sidecar,
             token=s.token,
             tls_ca=s.tls_ca,
@@ -220,11 +158,11 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             projected=s.projected,
             max_queued_rows=s.max_queued_rows,
             chunk_tokens=s.chunk_tokens,
-            on_halt=self._on_halt,
+            on_halt=worker.on_halt,
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
         )
         catalog = wait_for_catalog(lambda t: streams.catalog(timeout=t), s.sidecar, s.connect_timeout)
-        self._streams.model = catalog.model
+        streams.model = catalog.model
         by_name = {hp.name: hp for hp in catalog.hook_points}
         missing = [hp for hp in s.hook_points if hp not in by_name]
         if missing:
@@ -237,9 +175,10 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
                 sl = by_name[hp].encoder_slice
                 if sl is None:
                     raise ValueError(f"projected: the sidecar has no encoder slice for {hp}; set projected=false")
-                dev = self._kv.device if self._kv is not None else torch.device("cpu")
+                dev = worker.kv.device if worker.kv is not None else torch.device("cpu")
                 slices.append((torch.as_tensor(sl.w_enc, device=dev), torch.as_tensor(sl.b_enc, device=dev)))
-            self._slices = slices
+            worker.slices = slices
+        worker.streams = streams
         log.info(
             "safety monitor: streaming %s to %s (model %s, %s)",
             ", ".join(s.hook_points),
@@ -247,11 +186,6 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
             catalog.model,
             "projected" if s.projected else "full rows",
         )
-
-    def _on_halt(self, external: str, reason: str) -> None:
-        engine_id = self._ext_to_engine.get(external, external)
-        with self._halted_lock:
-            self._halted[engine_id] = reason
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None
@@ -263,115 +197,41 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         return None  # the pseudo-draft already wrote the rows; they are read after the step
 
     def wait_for_save(self) -> None:
-        if not self.has_connector_metadata():
+        if self.worker is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        if not isinstance(meta, StepMetadata):
-            return
-        streams = self._streams
-        if streams is None:  # TP rank > 0: rank 0 streams; only acknowledge finished requests
-            return
-        for req_id, prompt in meta.opened.items():
-            self._prompt_len[req_id] = len(prompt)
-            ext = external_id(req_id)
-            self._ext_to_engine[ext] = req_id
-            streams.open(ext, prompt)
-        for req_id, blocks in meta.blocks.items():
-            if req_id in meta.replaced:
-                self._blocks[req_id] = list(blocks)
-            else:
-                self._blocks.setdefault(req_id, []).extend(blocks)
-        if meta.reads:
-            streams.push(*self._gather(meta.reads))
-        if meta.finished:
-            log.debug("safety monitor: finished %s", list(meta.finished))
-        for req_id, tokens in meta.finished.items():
-            self._blocks.pop(req_id, None)
-            self._prompt_len.pop(req_id, None)
-            ext = external_id(req_id)
-            self._ext_to_engine.pop(ext, None)
-            streams.finish(ext, tokens)
-            self._sent_final.add(req_id)
-        self._report_losses(streams)
-
-    def _report_losses(self, streams: SidecarStreams, every: float = 30.0) -> None:
-        """Log dropped rows and unmonitored requests (at most every ``every`` s), never silently."""
-        now = time.monotonic()
-        if now < self._next_report:
-            return
-        self._next_report = now + every
-        st = streams.stats
-        if (st.rows_dropped, st.failed) != self._reported:
-            self._reported = (st.rows_dropped, st.failed)
-            log.warning(
-                "safety monitor: %d rows dropped (queue full or stream failed), %d of %d requests unmonitored, "
-                "%d rows sent, %d halts so far",
-                st.rows_dropped,
-                st.failed,
-                st.requests,
-                st.rows_sent,
-                st.halts,
-            )
-
-    def _gather(self, reads: list[_Read]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
-        """One index op for the whole batch: slot = block[p // bs] * bs + p % bs.
-
-        Returns the response rows and, for requests whose read starts at the decision position
-        (``prompt_len - 1``), that row apart: ``(rows, decisions)``, both keyed by request id.
-        """
-        assert self._kv is not None
-        bs = self._block_size
-        slots: list[int] = []
-        spans: list[tuple[str, int, bool]] = []
-        for r in reads:
-            blocks = self._blocks.get(r.req_id, ())
-            n = 0
-            for p in range(r.start, r.end):
-                b = p // bs
-                if b >= len(blocks):
-                    break
-                slots.append(blocks[b] * bs + p % bs)
-                n += 1
-            spans.append((r.req_id, n, r.start == self._prompt_len.get(r.req_id, 0) - 1))
-        idx = torch.tensor(slots, dtype=torch.long, device=self._kv.device)
-        rows = self._kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
-        per_hook = []
-        for j, _hp in enumerate(self.settings.hook_points):
-            x = rows[:, j, :]
-            if self._slices is not None:
-                w, bias = self._slices[j]
-                x = x.to(torch.float32) @ w + bias
-            per_hook.append(x.to(torch.float32).cpu().numpy())
-        out: dict[str, dict[str, np.ndarray]] = {}
-        decisions: dict[str, dict[str, np.ndarray]] = {}
-        at = 0
-        for req_id, n, has_decision in spans:
-            first = at
-            if n and has_decision:
-                decisions[external_id(req_id)] = {
-                    hp: per_hook[j][at : at + 1] for j, hp in enumerate(self.settings.hook_points)
-                }
-                first += 1
-            if at + n > first:
-                out[external_id(req_id)] = {
-                    hp: per_hook[j][first : at + n] for j, hp in enumerate(self.settings.hook_points)
-                }
-            at += n
-        return out, decisions
+        if isinstance(meta, StepMetadata):
+            self.worker.after_step(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose final chunk was handed to the streams: their blocks may be freed."""
-        if not self._sent_final:
-            return None, None
-        done, self._sent_final = self._sent_final, set()
-        return done, None
+        return (self.worker.take_sent_final() if self.worker is not None else None), None
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        with self._halted_lock:
-            if not self._halted:
-                return None
-            report, self._halted = HaltReport(dict(self._halted)), {}
-        return report
+        return self.worker.take_halts() if self.worker is not None else None
+
+    # ==== counters (both sides) ================================================================
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        stats, self._stats = self._stats, MonitorStats()
+        if self.worker is not None:
+            more = self.worker.take_stats()
+            if more is not None:
+                stats.aggregate(more)
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return MonitorStats(data=data) if data is not None else MonitorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> MonitorPromMetrics:
+        return MonitorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
@@ -379,9 +239,24 @@ class SafetyMonitorConnector(KVConnectorBase_V1):
         return "LBNHC"
 
     def shutdown(self) -> None:
-        if self._streams is not None:
-            self._streams.close()
-            self._streams = None
+        if self.worker is not None and self.worker.streams is not None:
+            self.worker.streams.close()
+            self.worker.streams = None
+
+
+def _install_and_test_halt(scheduler: MonitorScheduler | None) -> None:
+    assert scheduler is not None
+    _patches.install_halt_check(scheduler.halt_marks)
+    _patches.check_halt_takes_effect()
+
+
+def _reason(problem: str) -> str:
+    """A short label value for a refusal (metric label): the mode, or what failed."""
+    if problem == "async_scheduling":
+        return problem
+    if problem.startswith("patch "):
+        return "patch:" + problem.split()[1]
+    return "vllm_version" if "version" in problem else "other"
 
 
 def _hidden_state_group(kv_cache_config: KVCacheConfig | None) -> int:
@@ -414,56 +289,3 @@ def _load_tokenizer(vllm_config: VllmConfig) -> Any:
     except Exception:
         log.exception("safety monitor: no tokenizer; verdicts will carry no text")
         return None
-
-
-def _drop_pseudo_drafts() -> None:
-    """Keep extract_hidden_states' capture, drop its pseudo-draft token.
-
-    The method's proposer caches the step's hidden states and then proposes the sampled token
-    again as a one-token "draft", which the next step verifies (and nearly always rejects): every
-    decode step computes two positions per request instead of one. On a GPU that position is
-    almost free; on a CPU, where the forward is compute-bound, it cost a third of the throughput
-    (measured: docs/vllm.md). Returning no drafts (the same shape ngram uses when it has no
-    proposal) keeps the capture and schedules one position per request. With async scheduling
-    the scheduler reserves draft slots before proposals exist, so there it is left alone.
-    """
-    from vllm.v1.spec_decode.extract_hidden_states import ExtractHiddenStatesProposer
-
-    original = ExtractHiddenStatesProposer.propose
-    if getattr(original, "_safety_monitor", False):
-        return
-
-    def propose(self: Any, *args: Any, **kwargs: Any) -> Any:
-        drafts = original(self, *args, **kwargs)  # caches the hidden states
-        return [[] for _ in range(int(drafts.shape[0]))]
-
-    propose._safety_monitor = True  # type: ignore[attr-defined]
-    ExtractHiddenStatesProposer.propose = propose
-
-
-_halt_marks_ref: dict[str, str] | None = None
-
-
-def _install_halt_check(marks: dict[str, str]) -> None:
-    """Wrap the scheduler's stop check once: a request the sidecar halted stops at its next token."""
-    global _halt_marks_ref
-    from vllm.v1.core.sched import scheduler as sched_mod
-    from vllm.v1.request import RequestStatus
-
-    _halt_marks_ref = marks
-    original = sched_mod.check_stop
-    if getattr(original, "_safety_monitor", False):
-        return
-
-    def check_stop(request: Any, max_model_len: int) -> bool:
-        if original(request, max_model_len):
-            return True
-        ref = _halt_marks_ref
-        if ref is not None and request.request_id in ref:
-            request.status = RequestStatus.FINISHED_STOPPED
-            request.stop_reason = HALT_STOP_REASON
-            return True
-        return False
-
-    check_stop._safety_monitor = True  # type: ignore[attr-defined]
-    sched_mod.check_stop = check_stop

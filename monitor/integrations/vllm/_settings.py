@@ -14,6 +14,7 @@ from monitor.client import Catalog, ClientError
 from monitor.hook_points import layer_of
 
 ENV_PREFIX = "SAFETY_MONITOR_"
+SECRET_KEYS = ("token", "tls_ca", "tls_cert", "tls_key")  # never in kv_connector_extra_config (vLLM logs it)
 CONNECTOR_NAME = "SafetyMonitorConnector"
 CONNECTOR_MODULE = "monitor.integrations.vllm._connector"
 # What a halted request's stop_reason says; the API server maps it to finish_reason "content_filter".
@@ -108,20 +109,33 @@ class AdapterSettings:
         )
 
     def extra_config(self) -> dict[str, Any]:
-        """These settings as ``kv_connector_extra_config`` (what the engine ships to its workers)."""
+        """These settings as ``kv_connector_extra_config`` (what the engine ships to its workers).
+
+        Without the token and the TLS paths: vLLM logs this config at start-up. Those travel in
+        the environment (``SAFETY_MONITOR_TOKEN``, ``SAFETY_MONITOR_TLS_*``), which vLLM's engine
+        and worker processes inherit (``export_secrets``)."""
         return {
             "sidecar": self.sidecar,
             "hook_points": list(self.hook_points),
-            "token": self.token,
             "projected": self.projected,
             "halt": self.halt,
             "max_queued_rows": self.max_queued_rows,
             "chunk_tokens": self.chunk_tokens,
             "connect_timeout": self.connect_timeout,
-            "tls_ca": self.tls_ca,
-            "tls_cert": self.tls_cert,
-            "tls_key": self.tls_key,
         }
+
+    def export_secrets(self, env: Any = None) -> None:
+        """Put the token and TLS paths into the environment the engine's processes inherit (a
+        value already there for the same key must agree: two sidecars' tokens cannot share it)."""
+        env = os.environ if env is None else env
+        for key in SECRET_KEYS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            name = ENV_PREFIX + key.upper()
+            if env.get(name, value) != value:
+                raise ValueError(f"{key}: {name} is already set to another value in this process")
+            env[name] = value
 
 
 def vllm_layer_ids(hook_points: Sequence[str], architecture: str | None = None) -> list[int]:
@@ -156,7 +170,11 @@ def engine_config(settings: AdapterSettings, architecture: str | None = None) ->
     if not settings.hook_points:
         raise ValueError("hook_points: expected at least one hook point (from the sidecar's catalog)")
     settings = replace(settings, hook_points=ascending(settings.hook_points))
+    settings.export_secrets()
     return {
+        # The adapter reads rows under sync scheduling only (``_scheduler``: the async timeline is
+        # not verified on a GPU yet); vLLM would turn async on by default on a GPU.
+        "async_scheduling": False,
         "speculative_config": {
             "method": "extract_hidden_states",
             "num_speculative_tokens": 1,

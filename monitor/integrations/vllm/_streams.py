@@ -48,7 +48,8 @@ class _Item:
 
 @dataclass
 class _Request:
-    request_id: str
+    request_id: str  # the key (the engine's id: unique per request)
+    wire_id: str  # what the sidecar records (the client's id, which two requests may share)
     prompt_ids: Sequence[int]
     labels: dict[str, str]
     queue: asyncio.Queue[_Item]
@@ -109,11 +110,22 @@ class SidecarStreams:
         self._ready.wait()
 
     # -- engine thread ------------------------------------------------------------------------
-    def open(self, request_id: str, prompt_ids: Sequence[int], labels: Mapping[str, str] | None = None) -> None:
-        """Start monitoring a request (the stream opens lazily with its first rows)."""
+    def open(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        labels: Mapping[str, str] | None = None,
+        wire_id: str | None = None,
+    ) -> None:
+        """Start monitoring a request (the stream opens lazily with its first rows).
+
+        ``request_id`` keys every later call (``push``, ``finish``, ``on_halt``); ``wire_id`` (default:
+        the same) is the id the sidecar's verdict and audit record carry."""
         with self._lock:
             self._stats.requests += 1
-        self._loop.call_soon_threadsafe(self._open, request_id, list(prompt_ids), dict(labels or {}))
+        self._loop.call_soon_threadsafe(
+            self._open, request_id, wire_id or request_id, list(prompt_ids), dict(labels or {})
+        )
 
     def push(
         self,
@@ -181,8 +193,8 @@ class SidecarStreams:
         self._ready.set()
         self._loop.run_forever()
 
-    def _open(self, request_id: str, prompt_ids: list[int], labels: dict[str, str]) -> None:
-        req = _Request(request_id, prompt_ids, {**self._labels, **labels}, asyncio.Queue())
+    def _open(self, request_id: str, wire_id: str, prompt_ids: list[int], labels: dict[str, str]) -> None:
+        req = _Request(request_id, wire_id, prompt_ids, {**self._labels, **labels}, asyncio.Queue())
         self._requests[request_id] = req
         req.task = self._loop.create_task(self._serve(req))
 
@@ -255,7 +267,7 @@ class SidecarStreams:
                     if it.final:
                         final = it
                 merged = {hp: np.concatenate(parts) if len(parts) > 1 else parts[0] for hp, parts in rows.items()}
-                if not failed and stream is None and not merged and final is not None:
+                if not failed and stream is None and not merged and decision is None and final is not None:
                     # every row of this request was dropped (or it had none): nothing to score,
                     # and the sidecar refuses a stream without activations; it is unmonitored
                     failed = True
@@ -270,7 +282,7 @@ class SidecarStreams:
                     try:
                         if stream is None:
                             stream = self._client.stream(
-                                req.request_id, self.model, prompt=self._text(req.prompt_ids), labels=req.labels
+                                req.wire_id, self.model, prompt=self._text(req.prompt_ids), labels=req.labels
                             )
                         text = self._text(final.token_ids) if final is not None else ""
                         verdict = await stream.send(

