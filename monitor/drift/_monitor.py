@@ -9,6 +9,7 @@ and saves/loads its whole state as JSON, so a restart keeps the baseline. Memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -266,8 +267,13 @@ class DriftMonitor:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: the last whole state stays, no half-written file beside it
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

@@ -179,9 +179,17 @@ class SidecarServer:
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             self._tls_watch = None
-        self.save_drift()
-        if self.audit is not None:
-            self.audit.close()
+        try:
+            self.save_drift()
+        except OSError as exc:  # a full disk at shutdown: keep the last saved state, still exit cleanly
+            log.error(
+                "drift_state: could not save to %s at shutdown (%s); the state saved before is kept",
+                self.config.drift_state,
+                exc.strerror or exc,
+            )
+        finally:
+            if self.audit is not None:
+                self.audit.close()
 
     async def _start_critique(self) -> CritiqueService | None:
         cfg = self.config

@@ -120,3 +120,36 @@ def test_kill9_mid_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
             f"drift kept {saved} of {this_run} events ({old_enough} were older than the interval)"
         )
     assert total_acked > 5 * 16
+
+
+def test_sigterm_on_a_full_disk_exits_zero_keeps_the_saved_state(tmp_path: Path) -> None:
+    """SIGTERM when the disk is full: the final drift save fails with a real ENOSPC (its temp file
+    is a link to /dev/full); the sidecar logs one line, closes the audit log, exits 0, keeps the
+    state saved before and leaves no temp file behind."""
+    audit, state, log = tmp_path / "audit.jsonl", tmp_path / "drift.json", tmp_path / "server.log"
+    x = np.ones((4, D_MODEL), np.float32)
+    env = {"SAFETY_MONITOR_DRIFT_SAVE_SECONDS": "3600"}  # only the shutdown save runs
+
+    def run(prefix: str) -> int:
+        server = ServeProcess("--audit-log", str(audit), "--drift-state", str(state), log_path=log, env=env).wait()
+        with grpc.insecure_channel(server.target) as ch:
+            summary = pb_grpc.SafetyMonitorStub(ch).Ingest(iter([item(f"{prefix}-{i}", x) for i in range(8)]))
+        assert summary.accepted == 8
+        return server.stop()
+
+    assert run("first") == 0
+    saved = state.read_bytes()
+    assert json.loads(saved)["events"] == 8
+    tmp = tmp_path / "drift.json.tmp"
+    tmp.symlink_to("/dev/full")  # writing the next state fails: "No space left on device"
+
+    assert run("second") == 0
+    text = log.read_text()
+    assert "Traceback" not in text
+    lines = [ln for ln in text.splitlines() if "could not save" in ln]
+    assert len(lines) == 1 and "at shutdown (No space left on device)" in lines[0], lines
+    assert text.rstrip().endswith("stopped")  # the whole stop path ran, audit close included
+    assert state.read_bytes() == saved
+    assert not tmp.exists() and not tmp.is_symlink()
+    ids, torn = audit_ids(audit)
+    assert torn == 0 and ids == {f"{p}-{i}" for p in ("first", "second") for i in range(8)}

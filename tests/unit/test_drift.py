@@ -153,3 +153,17 @@ def test_state_round_trips_through_disk(tmp_path: Path) -> None:
     bad.write_text('{"version": 99, "metrics": {}}')
     with pytest.raises(ValueError, match="version: expected 1, got 99"):
         DriftMonitor.load(bad)
+
+
+def test_a_failed_save_keeps_the_old_state_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    mon = DriftMonitor(DriftConfig(reference_size=10, window_size=10))
+    mon.update({"tokens": 1.0})
+    path = mon.save(tmp_path / "drift.json")
+    before = path.read_bytes()
+    mon.update({"tokens": 2.0})
+    tmp = tmp_path / "drift.json.tmp"
+    tmp.symlink_to("/dev/full")  # a real ENOSPC from the kernel on write
+    with pytest.raises(OSError, match="No space left on device"):
+        mon.save(path)
+    assert path.read_bytes() == before
+    assert not tmp.exists() and not tmp.is_symlink()
