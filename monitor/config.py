@@ -56,6 +56,9 @@ class ServerConfig(BaseSettings):
     log_level: Python logging level name.
     drift_state: file the drift engine's state (baseline + windows) is saved to and restored from;
         None keeps it in memory only.
+    drift_state_strict: a saved drift state that is corrupt (unreadable JSON, wrong types) stops
+        the start-up (one line, exit 2) instead of being moved aside to ``<file>.corrupt-<time>``
+        (logged, counted in ``safety_monitor_drift_state_corrupt_total``) for a fresh reference.
     drift_baseline: baseline file from ``monitor baseline``; used when there is no saved state.
         Without either, the first ``drift_reference_events`` events become the reference.
     drift_reference_events: events per statistic in the reference sample.
@@ -107,6 +110,7 @@ class ServerConfig(BaseSettings):
     log_level: str = "INFO"
     drift_state: str | None = None
     drift_baseline: str | None = None
+    drift_state_strict: bool = False
     drift_reference_events: Positive = 2000
     drift_window_events: Positive = 500
     drift_save_seconds: Annotated[float, Field(gt=0)] = 5.0

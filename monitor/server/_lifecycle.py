@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,11 +21,10 @@ from monitor.config import ServerConfig
 from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
 from monitor.debate import DebateService
 from monitor.detectors import Bundle
-from monitor.drift import DriftConfig, DriftMonitor
-from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import DETECTOR_PREFIX, Limits, Pipeline
+from monitor.pipeline import Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
+from monitor.server._drift_restore import restore_drift
 from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
 from monitor.server._tls import TlsFiles, metrics_tls_kwargs, reload_metrics_context, server_credentials
 
@@ -45,8 +43,11 @@ class SidecarServer:
     def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
         self.config = config
         self.bundle = bundle if bundle is not None else Bundle.load(config.bundle)
-        self.drift = load_drift(config, self.bundle.identity)
+        restored = restore_drift(config, self.bundle.identity)
+        self.drift = restored.monitor
         self.metrics = MonitorMetrics(drift=self.drift)
+        if restored.moved_aside is not None:
+            self.metrics.drift_state_corrupt.inc()
         self.pipeline = Pipeline(
             self.bundle, Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens)
         )
@@ -255,39 +256,6 @@ class SidecarServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-def load_drift(config: ServerConfig, bundle_identity: str = "") -> DriftMonitor:
-    """The drift engine: the saved state if there is one, else the baseline file, else empty.
-
-    Detector statistics belong to one bundle: a state saved under another bundle keeps its text
-    statistics but starts fresh detector references (the old ones would raise false alarms).
-    """
-    dcfg = DriftConfig(reference_size=config.drift_reference_events, window_size=config.drift_window_events)
-    mon = DriftMonitor(dcfg)
-    if config.drift_state and Path(config.drift_state).is_file():
-        try:
-            mon = DriftMonitor.load(config.drift_state, dcfg)
-        except ValueError as exc:
-            raise ConfigError(f"drift_state: {exc}") from exc
-        log.info("drift: restored state from %s (%d events seen)", config.drift_state, mon.events)
-    elif config.drift_baseline:
-        try:
-            mon = DriftMonitor.load(config.drift_baseline, dcfg)
-        except ValueError as exc:
-            raise ConfigError(f"drift_baseline: {exc}") from exc
-        log.info("drift: reference from baseline %s (%d metrics)", config.drift_baseline, len(mon.metrics))
-    if mon.bundle != bundle_identity:
-        dropped = mon.forget(DETECTOR_PREFIX)
-        if dropped:
-            log.info(
-                "drift: bundle changed (%s -> %s): %d detector statistics start fresh",
-                mon.bundle or "none",
-                bundle_identity,
-                dropped,
-            )
-        mon.bundle = bundle_identity
-    return mon
 
 
 def limit_blas_threads(threads: int) -> None:

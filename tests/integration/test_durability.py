@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -153,3 +156,46 @@ def test_sigterm_on_a_full_disk_exits_zero_keeps_the_saved_state(tmp_path: Path)
     assert not tmp.exists() and not tmp.is_symlink()
     ids, torn = audit_ids(audit)
     assert torn == 0 and ids == {f"{p}-{i}" for p in ("first", "second") for i in range(8)}
+
+
+CORRUPT_STATE = '{"version": 1, "metrics": {"tokens": {"reference": "abc", "reference_frozen": true, "window": []}}}'
+
+
+def test_a_corrupt_drift_state_is_moved_aside_and_scoring_works(tmp_path: Path) -> None:
+    """The state that used to load and then make every Score INTERNAL and /metrics HTTP 500."""
+    state, log = tmp_path / "drift.json", tmp_path / "server.log"
+    state.write_text(CORRUPT_STATE)
+    server = ServeProcess("--drift-state", str(state), log_path=log).wait()
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.SafetyMonitorStub(ch)
+            replies = [stub.Score(item(f"c-{i}", np.ones((4, D_MODEL), np.float32)), timeout=30) for i in range(5)]
+        assert [r.request_id for r in replies] == [f"c-{i}" for i in range(5)]
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+            assert resp.status == 200
+            text = resp.read().decode()
+        assert "safety_monitor_drift_state_corrupt_total 1.0" in text
+    finally:
+        assert server.stop() == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("drift.json.corrupt-")]
+    assert len(moved) == 1 and moved[0].read_text() == CORRUPT_STATE
+    assert json.loads(state.read_text())["events"] == 5  # the fresh state was saved at shutdown
+    lines = [ln for ln in log.read_text().splitlines() if "moved aside" in ln]
+    assert len(lines) == 1 and "metrics.tokens.reference: expected a valid list, got 'abc'" in lines[0]
+    assert "Traceback" not in log.read_text()
+
+
+def test_strict_drift_state_refuses_a_truncated_file_in_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "drift.json"
+    state.write_text('{"version": 1, "metrics": {"tok')
+    r = subprocess.run(
+        [sys.executable, "-m", "monitor", "serve", "--drift-state", str(state), "--drift-state-strict"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    prefix = f"monitor serve: drift_state: drift state {state}: expected a JSON object, got unreadable JSON"
+    assert r.stderr.startswith(prefix)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert state.read_text() == '{"version": 1, "metrics": {"tok'
