@@ -98,6 +98,9 @@ class AuditLog:
         self._on_result = on_result or (lambda result: None)
         self._file: Any = None
         self._opened_at = 0.0
+        # Opened here, not on the first record: a path that cannot be appended to (a folder, an
+        # unwritable or missing directory) raises OSError to the caller at start-up.
+        self._open_for(0)
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
 

@@ -8,21 +8,21 @@ An unknown key or a bad value raises ``ConfigError`` naming the key, the source 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
-from monitor.errors import ConfigError
+from monitor._yaml import YamlError, load_yaml
+from monitor.errors import ConfigError, echo
 
 __all__ = ["ENV_PREFIX", "ServerConfig", "load_config"]
 
@@ -31,6 +31,7 @@ ENV_PREFIX = "SAFETY_MONITOR_"
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
+MAX_PROBLEMS = 5  # problems named in one error; the rest are counted
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -182,7 +183,32 @@ class ServerConfig(BaseSettings):
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ValueError(f"{name}: expected a readable PEM file, got {value!r} (no such file)")
+        if self.tls_cert and self.tls_key:
+            _check_pem(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
+
+
+def _check_pem(cert: str, key: str, client_ca: str | None) -> None:
+    """Parse the TLS files now: gRPC reports a bad one only as "Failed to bind to address"."""
+
+    def no_password() -> bytes:
+        raise ValueError("encrypted keys are not supported")  # never prompt on a terminal
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    checks = (
+        ("tls_cert", cert, "a PEM certificate chain", lambda: ctx.load_verify_locations(cafile=cert)),
+        ("tls_key", key, "the PEM private key of tls_cert", lambda: ctx.load_cert_chain(cert, key, no_password)),
+        ("tls_client_ca", client_ca, "PEM CA certificates", lambda: ctx.load_verify_locations(cafile=client_ca)),
+    )
+    for name, path, what, load in checks:
+        if not path:
+            continue
+        try:
+            load()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            fallback = str(exc) if type(exc) is ValueError else "not readable as PEM"
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or fallback
+            raise ValueError(f"{name}: expected {what}, got {path!r} ({reason})") from None
 
 
 _OPTIONAL = frozenset(name for name, f in ServerConfig.model_fields.items() if f.default is None)
@@ -200,19 +226,32 @@ class _MappingEnvSource(EnvSettingsSource):
 
 
 def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
-    """One line per problem: the key, where its value came from, what was expected and what came."""
+    """One line per problem: the key, where its value came from, what was expected and what came.
+
+    Unknown keys are named together, once per source, with the list of known keys said once.
+    """
     lines = []
+    unknown: dict[str, list[str]] = {}
     for err in exc.errors():
         key = str(err["loc"][0]) if err["loc"] else ""
         where = f" ({origin[key]})" if key in origin else ""
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
         if err["type"] == "extra_forbidden":
-            source = origin.get(key, "arguments")
-            lines.append(f"{source}: unknown key {key!r}; expected one of {', '.join(ServerConfig.model_fields)}")
+            unknown.setdefault(origin.get(key, "arguments"), []).append(echo(key))
         elif key:
-            lines.append(f"{key}{where}: {msg}, got {err['input']!r}")
+            lines.append(f"{key}{where}: {msg}, got {echo(err['input'])}")
         else:
             lines.append(msg)
+    for source, keys in unknown.items():
+        named = ", ".join(keys[:MAX_PROBLEMS]) + (
+            f" and {len(keys) - MAX_PROBLEMS} more" if len(keys) > MAX_PROBLEMS else ""
+        )
+        lines.append(
+            f"{source}: unknown key{'s' if len(keys) > 1 else ''} {named}; "
+            f"expected one of {', '.join(ServerConfig.model_fields)}"
+        )
+    if len(lines) > MAX_PROBLEMS:  # a hostile file must not make a huge message
+        lines[MAX_PROBLEMS:] = [f"and {len(lines) - MAX_PROBLEMS} more problems"]
     return "; ".join(lines)
 
 
@@ -220,15 +259,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path}: cannot read: no such file")
     try:
-        data = YamlConfigSettingsSource(ServerConfig, yaml_file=path).yaml_data
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
-    except (TypeError, ValueError) as exc:  # a list or a scalar at the top level
-        raise ConfigError(f"config file {path}: expected a mapping of keys ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: expected UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except YamlError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__} {echo(data)}")
     return data
 
 

@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from monitor.errors import echo
+
 __all__ = ["STATE_VERSION", "DriftStateError", "MetricState", "StateDocument", "parse_state"]
 
 STATE_VERSION = 1
-MAX_ECHO = 80  # a bad value is echoed in the error, never more than this
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
@@ -88,7 +89,7 @@ def parse_state(path: Path) -> StateDocument:
     if not isinstance(doc, dict):
         raise DriftStateError(f"drift state {path}: expected a JSON object, got {_kind(doc)}")
     if doc.get("version") != STATE_VERSION:
-        raise DriftStateError(f"drift state {path}: version: expected {STATE_VERSION}, got {_echo(doc.get('version'))}")
+        raise DriftStateError(f"drift state {path}: version: expected {STATE_VERSION}, got {echo(doc.get('version'))}")
     try:
         return StateDocument.model_validate(doc)
     except ValidationError as exc:
@@ -96,16 +97,11 @@ def parse_state(path: Path) -> StateDocument:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise DriftStateError(f"drift state {path}: {loc}: {msg}, got {_echo(err['input'])}{more}") from None
+        raise DriftStateError(f"drift state {path}: {loc}: {msg}, got {echo(err['input'])}{more}") from None
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 def _kind(value: Any) -> str:
-    return "null" if value is None else f"a JSON {_JSON_TYPES.get(type(value), 'value')} {_echo(value)}"
-
-
-def _echo(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text)} characters)"
+    return "null" if value is None else f"a JSON {_JSON_TYPES.get(type(value), 'value')} {echo(value)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +22,7 @@ from monitor.config import ServerConfig
 from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
 from monitor.debate import DebateService
 from monitor.detectors import Bundle
+from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
@@ -54,18 +56,7 @@ class SidecarServer:
         self._saver: asyncio.Task[None] | None = None
         self.critique: CritiqueService | None = None
         self.debate: DebateService | None = None
-        self.audit = (
-            AuditLog(
-                config.audit_log,
-                on_result=lambda r: self.metrics.audit_records.labels(r).inc(),
-                fsync=config.audit_fsync,
-                max_bytes=config.audit_max_bytes,
-                backups=config.audit_backups,
-                max_age_seconds=config.audit_max_age_seconds,
-            )
-            if config.audit_log
-            else None
-        )
+        self.audit = self._open_audit(config.audit_log) if config.audit_log else None
         self._tls_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -73,6 +64,24 @@ class SidecarServer:
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._http: Any = None
+
+    def _open_audit(self, path: str) -> AuditLog:
+        """The audit log, opened now: a path that cannot be appended to stops the start-up (it
+        used to report SERVING and then fail every call UNAVAILABLE)."""
+        cfg = self.config
+        try:
+            return AuditLog(
+                path,
+                on_result=lambda r: self.metrics.audit_records.labels(r).inc(),
+                fsync=cfg.audit_fsync,
+                max_bytes=cfg.audit_max_bytes,
+                backups=cfg.audit_backups,
+                max_age_seconds=cfg.audit_max_age_seconds,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"audit_log: expected a file that can be appended to, got {path!r} ({exc.strerror or exc})"
+            ) from None
 
     async def start(self) -> None:
         cfg = self.config
@@ -117,22 +126,32 @@ class SidecarServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert and cfg.tls_key:
-            self.port = server.add_secure_port(
-                address, server_credentials(TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
-            )
-        else:
-            self.port = server.add_insecure_port(address)
+        # Asked of the OS first: grpc says only "Failed to bind" (and logs a line of its own).
+        problem = bind_problem(cfg.host, cfg.port)
+        if problem is None:
+            try:
+                if cfg.tls_cert and cfg.tls_key:
+                    self.port = server.add_secure_port(
+                        address, server_credentials(TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+                    )
+                else:
+                    self.port = server.add_insecure_port(address)
+            except RuntimeError:  # the TLS files were parsed with the config: the port was taken since
+                self.port = 0
         if self.port == 0:
-            raise OSError(f"port: could not bind gRPC to {address}")
+            raise ConfigError(f"port: cannot bind gRPC to {address}: {problem or 'refused by grpc'}")
         self.metrics.build_info.labels(__version__, self.bundle.name, self.bundle.model).set(1)
         metrics_tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
-        self._http, _ = start_http_server(
-            cfg.metrics_port,
-            addr=cfg.metrics_host,
-            registry=self.metrics.registry,
-            **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
-        )
+        try:
+            self._http, _ = start_http_server(
+                cfg.metrics_port,
+                addr=cfg.metrics_host,
+                registry=self.metrics.registry,
+                **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            where = f"{cfg.metrics_host}:{cfg.metrics_port}"
+            raise ConfigError(f"metrics_port: cannot serve /metrics on {where}: {exc.strerror or exc}") from None
         self.metrics_port = int(self._http.server_port)
         if metrics_tls is not None:
             self._tls_watch = asyncio.get_running_loop().create_task(self._watch_metrics_tls(metrics_tls))
@@ -256,6 +275,22 @@ class SidecarServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now (None: it can), bound as grpc binds (SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve {host!r} ({exc.strerror or exc})"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None
 
 
 def limit_blas_threads(threads: int) -> None:

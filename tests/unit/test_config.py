@@ -101,3 +101,28 @@ def test_frozen() -> None:
     cfg = ServerConfig()
     with pytest.raises(ValueError, match="frozen"):
         cfg.port = 1  # type: ignore[misc]
+
+
+LEVELS = zip("abcdef", ['"x"', "*a", "*b", "*c", "*d", "*e"], strict=True)
+BOMB = "".join(f"{n}: &{n} [{', '.join([p] * 9)}]\n" for n, p in LEVELS)  # 0.3 KB, 9**6 items
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    from monitor._yaml import YamlError, load_yaml
+
+    with pytest.raises(YamlError, match="expected at most 200000 nodes with aliases expanded"):
+        load_yaml(BOMB + "port: *f\n")
+    with pytest.raises(YamlError, match=r"expected no recursive alias, got one \(line 1, column 4\)"):
+        load_yaml("a: &a [*a]")
+    assert load_yaml("a: &a [1, 2]\nb: *a\n") == {"a": [1, 2], "b": [1, 2]}  # ordinary aliases still work
+
+
+def test_a_bad_value_is_echoed_cut_short(tmp_path: Path) -> None:
+    """9**4 aliased items are under the node bound; the message still echoes only a few of them."""
+    config = tmp_path / "c.yaml"
+    config.write_text(BOMB.split("e:")[0].replace("a: &a", "z: &a", 1).replace("\nd: &d", "\nport: &d"))
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    message = str(info.value)
+    assert f"port (config file {config}): expected a valid integer, got [[[[" in message
+    assert len(message) < 1500  # the known keys (~900 characters) and one value cut at 160
