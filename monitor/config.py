@@ -7,6 +7,7 @@ An unknown key or a bad value raises ``ConfigError`` naming the key, the source 
 
 from __future__ import annotations
 
+import difflib
 import os
 import ssl
 from collections.abc import Mapping
@@ -24,9 +25,33 @@ from pydantic_settings import (
 from monitor._yaml import YamlError, load_yaml
 from monitor.errors import ConfigError, echo
 
-__all__ = ["ENV_PREFIX", "ServerConfig", "load_config"]
+__all__ = ["ENV_PREFIX", "OTHER_COMPONENTS_ENV", "ServerConfig", "load_config"]
 
 ENV_PREFIX = "SAFETY_MONITOR_"
+# ``SAFETY_MONITOR_*`` variables other components read (the sidecar ignores them): with the
+# sidecar's own keys, every name a ``SAFETY_MONITOR_*`` variable may have. Any other is a start-up
+# error, so a typo (``SAFETY_MONITOR_AUTH_TOKN``) cannot silently leave auth off.
+# tests/unit/test_config.py checks this list against the names the code and docs use.
+OTHER_COMPONENTS_ENV: dict[str, str] = {
+    **{
+        key: "the vLLM adapter (monitor.integrations.vllm)"
+        for key in (
+            "SIDECAR",
+            "HOOK_POINTS",
+            "TOKEN",
+            "PROJECTED",
+            "HALT",
+            "MAX_QUEUED_ROWS",
+            "CHUNK_TOKENS",
+            "CONNECT_TIMEOUT",
+            "TLS_CA",
+            "TLS_CERT",
+            "TLS_KEY",
+        )
+    },
+    "VLLM_PYTHON": "vLLM's Python for the bundle build, the demo and the tests",
+    "CACHE": "the model cache (monitor.models)",
+}
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
@@ -273,6 +298,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuse a ``SAFETY_MONITOR_*`` variable that neither the sidecar nor another component reads."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in ServerConfig.model_fields}
+    known |= {f"{ENV_PREFIX}{name}" for name in OTHER_COMPONENTS_ENV}
+    # pydantic-settings reads the environment case-insensitively: so does this check
+    unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown[:MAX_PROBLEMS]:
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"environment {echo(name)}: unknown variable{hint}")
+    if len(unknown) > MAX_PROBLEMS:
+        problems.append(f"and {len(unknown) - MAX_PROBLEMS} more")
+    raise ConfigError(
+        "; ".join(problems) + f"; expected {ENV_PREFIX}<key> for a key of the sidecar's config "
+        f"or one of {', '.join(ENV_PREFIX + n for n in OTHER_COMPONENTS_ENV)} (read by other components)"
+    )
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -285,7 +331,9 @@ def load_config(
     if path is not None:
         for key, value in _read_yaml(Path(path)).items():
             values[key], origin[key] = value, f"config file {path}"
-    for key, value in _MappingEnvSource(ServerConfig, os.environ if env is None else env)().items():
+    environ = os.environ if env is None else env
+    _check_env_names(environ)
+    for key, value in _MappingEnvSource(ServerConfig, environ)().items():
         values[key], origin[key] = value, f"environment {ENV_PREFIX}{key.upper()}"
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -147,3 +147,12 @@ def test_a_yaml_alias_bomb_in_the_config_gives_a_short_error(tmp_path: Path) -> 
         f"monitor serve: config file {config}: not valid YAML: "
         "expected at most 200000 nodes with aliases expanded, got more"
     )
+
+
+def test_a_mistyped_safety_monitor_variable_stops_the_start() -> None:
+    """``SAFETY_MONITOR_AUTH_TOKN`` used to be ignored: the sidecar served without auth."""
+    line = one_line_error(serve(env={"SAFETY_MONITOR_AUTH_TOKN": "s3cret"}))
+    assert line.startswith(
+        "monitor serve: environment 'SAFETY_MONITOR_AUTH_TOKN': unknown variable "
+        "(did you mean SAFETY_MONITOR_AUTH_TOKEN?)"
+    )

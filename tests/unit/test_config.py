@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from monitor.config import ServerConfig, load_config
+from monitor.config import OTHER_COMPONENTS_ENV, ServerConfig, load_config
 from monitor.errors import ConfigError
 
 
@@ -126,3 +127,37 @@ def test_a_bad_value_is_echoed_cut_short(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"port (config file {config}): expected a valid integer, got [[[[" in message
     assert len(message) < 1500  # the known keys (~900 characters) and one value cut at 160
+
+
+def test_an_unknown_safety_monitor_variable_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"SAFETY_MONITOR_AUTH_TOKN": "s3cret", "PATH": "/bin"})
+    assert str(info.value).startswith(
+        "environment 'SAFETY_MONITOR_AUTH_TOKN': unknown variable (did you mean SAFETY_MONITOR_AUTH_TOKEN?); "
+        "expected SAFETY_MONITOR_<key> for a key of the sidecar's config or one of SAFETY_MONITOR_SIDECAR"
+    )
+    with pytest.raises(ConfigError, match="environment 'safety_monitor_worker': unknown variable"):
+        load_config(env={"safety_monitor_worker": "2"})  # read case-insensitively, checked so too
+
+
+def test_variables_of_other_components_are_accepted_and_ignored() -> None:
+    env = {f"SAFETY_MONITOR_{name}": "x" for name in OTHER_COMPONENTS_ENV if name not in ("TLS_CERT", "TLS_KEY")}
+    assert load_config(env=env) == ServerConfig()
+
+
+def test_every_safety_monitor_name_in_the_repository_is_known() -> None:
+    """The one list stays whole: each name the code, docs and manifests use is a config key or
+    belongs to another component, and every vLLM adapter setting is listed."""
+    from monitor.integrations.vllm._settings import AdapterSettings
+
+    root = Path(__file__).resolve().parents[2]
+    known = {k.upper() for k in ServerConfig.model_fields} | set(OTHER_COMPONENTS_ENV)
+    files = [p for d in ("monitor", "deploy", "docs", "scripts", "bench", "tests") for p in (root / d).rglob("*")]
+    files += [root / "README.md", root / "Makefile"]
+    used = set()
+    for p in files:
+        if p.is_file() and p.suffix in {".py", ".md", ".yaml", ".yml", "", ".toml", ".sh"}:
+            used |= set(re.findall(r"SAFETY_MONITOR_([A-Z][A-Z0-9_]*[A-Z0-9])", p.read_text(errors="ignore")))
+    assert "SIDECAR" in used and "AUTH_TOKEN" in used
+    assert sorted(used - known - {"AUTH_TOKN"}) == []  # AUTH_TOKN: the typo the test above uses
+    assert {f.upper() for f in AdapterSettings.__dataclass_fields__} <= set(OTHER_COMPONENTS_ENV)
