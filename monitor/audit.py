@@ -11,7 +11,6 @@ and age. Operators grep it by ``request_id`` to see why an alert fired.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,6 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from monitor._jsonl import jsonl_line
+from monitor._ratelog import RateLimitedLog
 from monitor.pipeline import ScoreResult, StreamVerdict
 
 __all__ = ["AuditLog", "AuditUnavailable", "audit_record"]
@@ -87,6 +88,7 @@ class AuditLog:
         max_bytes: int = 256 * 1024 * 1024,
         backups: int = 5,
         max_age_seconds: float = 0.0,
+        warn_interval: float = 60.0,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,11 @@ class AuditLog:
         self._on_result = on_result or (lambda result: None)
         self._file: Any = None
         self._opened_at = 0.0
+        # a full disk fails every group commit: one warning per cause per interval, with a count
+        self._warn = RateLimitedLog(log, interval=warn_interval)
+        # Opened here, not on the first record: a path that cannot be appended to (a folder, an
+        # unwritable or missing directory) raises OSError to the caller at start-up.
+        self._open_for(0)
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
 
@@ -140,9 +147,11 @@ class AuditLog:
         lines, ok = [], []
         for record, done in items:  # a record that is not JSON fails alone, not its group commit
             try:
-                lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+                lines.append(jsonl_line(record, allow_nan=False, default=str))
             except (TypeError, ValueError) as exc:
-                log.warning("audit_log: record %s is not JSON-able: %s", str(record.get("request_id"))[:128], exc)
+                self._warn.warning(
+                    "not-json", "audit_log: record %s is not JSON-able: %s", str(record.get("request_id"))[:128], exc
+                )
                 self._on_result("dropped")
                 done.set_exception(AuditUnavailable(f"audit_log: record not JSON-able: {exc}"))
             else:
@@ -157,8 +166,10 @@ class AuditLog:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
-        except OSError as exc:  # a full disk loses records, never the sidecar
-            log.warning("audit_log: could not write to %s: %s", self.path, exc)
+        except OSError as exc:  # a full disk loses records, never the sidecar (nor floods its log)
+            self._warn.warning(
+                ("write", exc.errno), "audit_log: could not write to %s: %s", self.path, exc.strerror or exc
+            )
             self._close_file()
             for _, done in items:
                 self._on_result("dropped")

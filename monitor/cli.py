@@ -28,6 +28,7 @@ def _serve(ns: argparse.Namespace) -> int:
             "bundle": ns.bundle,
             "log_level": ns.log_level,
             "drift_state": ns.drift_state,
+            "drift_state_strict": ns.drift_state_strict,
             "drift_baseline": ns.drift_baseline,
             "audit_log": ns.audit_log,
             "critic_url": ns.critic_url,
@@ -281,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="/metrics port (default 9464; 0 picks a free one)")
     p.add_argument("--bundle", help="detector bundle folder (default: the embedded default)")
     p.add_argument("--drift-state", help="file the drift state is saved to and restored from (survives restarts)")
+    p.add_argument(
+        "--drift-state-strict",
+        action="store_const",
+        const=True,
+        help="refuse to start (exit 2) on a corrupt drift state instead of moving it aside for a fresh reference",
+    )
     p.add_argument("--drift-baseline", help="baseline file from `monitor baseline` (used when no state is saved)")
     p.add_argument("--audit-log", help="JSONL file with one record per finished generation")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and /metrics over TLS (reloaded on change)")

@@ -7,30 +7,56 @@ An unknown key or a bad value raises ``ConfigError`` naming the key, the source 
 
 from __future__ import annotations
 
+import difflib
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
-from monitor.errors import ConfigError
+from monitor._yaml import YamlError, load_yaml
+from monitor.errors import ConfigError, echo
 
-__all__ = ["ENV_PREFIX", "ServerConfig", "load_config"]
+__all__ = ["ENV_PREFIX", "OTHER_COMPONENTS_ENV", "ServerConfig", "load_config"]
 
 ENV_PREFIX = "SAFETY_MONITOR_"
+# ``SAFETY_MONITOR_*`` variables other components read (the sidecar ignores them): with the
+# sidecar's own keys, every name a ``SAFETY_MONITOR_*`` variable may have. Any other is a start-up
+# error, so a typo (``SAFETY_MONITOR_AUTH_TOKN``) cannot silently leave auth off.
+# tests/unit/test_config.py checks this list against the names the code and docs use.
+OTHER_COMPONENTS_ENV: dict[str, str] = {
+    **{
+        key: "the vLLM adapter (monitor.integrations.vllm)"
+        for key in (
+            "SIDECAR",
+            "HOOK_POINTS",
+            "TOKEN",
+            "PROJECTED",
+            "HALT",
+            "MAX_QUEUED_ROWS",
+            "CHUNK_TOKENS",
+            "CONNECT_TIMEOUT",
+            "TLS_CA",
+            "TLS_CERT",
+            "TLS_KEY",
+        )
+    },
+    "VLLM_PYTHON": "vLLM's Python for the bundle build, the demo and the tests",
+    "CACHE": "the model cache (monitor.models)",
+}
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
+MAX_PROBLEMS = 5  # problems named in one error; the rest are counted
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -58,6 +84,9 @@ class ServerConfig(BaseSettings):
     log_level: Python logging level name.
     drift_state: file the drift engine's state (baseline + windows) is saved to and restored from;
         None keeps it in memory only.
+    drift_state_strict: a saved drift state that is corrupt (unreadable JSON, wrong types) stops
+        the start-up (one line, exit 2) instead of being moved aside to ``<file>.corrupt-<time>``
+        (logged, counted in ``safety_monitor_drift_state_corrupt_total``) for a fresh reference.
     drift_baseline: baseline file from ``monitor baseline``; used when there is no saved state.
         Without either, the first ``drift_reference_events`` events become the reference.
     drift_reference_events: events per statistic in the reference sample.
@@ -109,6 +138,7 @@ class ServerConfig(BaseSettings):
     log_level: str = "INFO"
     drift_state: str | None = None
     drift_baseline: str | None = None
+    drift_state_strict: bool = False
     drift_reference_events: Positive = 2000
     drift_window_events: Positive = 500
     drift_save_seconds: Annotated[float, Field(gt=0)] = 5.0
@@ -180,7 +210,32 @@ class ServerConfig(BaseSettings):
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ValueError(f"{name}: expected a readable PEM file, got {value!r} (no such file)")
+        if self.tls_cert and self.tls_key:
+            _check_pem(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
+
+
+def _check_pem(cert: str, key: str, client_ca: str | None) -> None:
+    """Parse the TLS files now: gRPC reports a bad one only as "Failed to bind to address"."""
+
+    def no_password() -> bytes:
+        raise ValueError("encrypted keys are not supported")  # never prompt on a terminal
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    checks = (
+        ("tls_cert", cert, "a PEM certificate chain", lambda: ctx.load_verify_locations(cafile=cert)),
+        ("tls_key", key, "the PEM private key of tls_cert", lambda: ctx.load_cert_chain(cert, key, no_password)),
+        ("tls_client_ca", client_ca, "PEM CA certificates", lambda: ctx.load_verify_locations(cafile=client_ca)),
+    )
+    for name, path, what, load in checks:
+        if not path:
+            continue
+        try:
+            load()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            fallback = str(exc) if type(exc) is ValueError else "not readable as PEM"
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or fallback
+            raise ValueError(f"{name}: expected {what}, got {path!r} ({reason})") from None
 
 
 _OPTIONAL = frozenset(name for name, f in ServerConfig.model_fields.items() if f.default is None)
@@ -198,19 +253,32 @@ class _MappingEnvSource(EnvSettingsSource):
 
 
 def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
-    """One line per problem: the key, where its value came from, what was expected and what came."""
+    """One line per problem: the key, where its value came from, what was expected and what came.
+
+    Unknown keys are named together, once per source, with the list of known keys said once.
+    """
     lines = []
+    unknown: dict[str, list[str]] = {}
     for err in exc.errors():
         key = str(err["loc"][0]) if err["loc"] else ""
         where = f" ({origin[key]})" if key in origin else ""
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
         if err["type"] == "extra_forbidden":
-            source = origin.get(key, "arguments")
-            lines.append(f"{source}: unknown key {key!r}; expected one of {', '.join(ServerConfig.model_fields)}")
+            unknown.setdefault(origin.get(key, "arguments"), []).append(echo(key))
         elif key:
-            lines.append(f"{key}{where}: {msg}, got {err['input']!r}")
+            lines.append(f"{key}{where}: {msg}, got {echo(err['input'])}")
         else:
             lines.append(msg)
+    for source, keys in unknown.items():
+        named = ", ".join(keys[:MAX_PROBLEMS]) + (
+            f" and {len(keys) - MAX_PROBLEMS} more" if len(keys) > MAX_PROBLEMS else ""
+        )
+        lines.append(
+            f"{source}: unknown key{'s' if len(keys) > 1 else ''} {named}; "
+            f"expected one of {', '.join(ServerConfig.model_fields)}"
+        )
+    if len(lines) > MAX_PROBLEMS:  # a hostile file must not make a huge message
+        lines[MAX_PROBLEMS:] = [f"and {len(lines) - MAX_PROBLEMS} more problems"]
     return "; ".join(lines)
 
 
@@ -218,16 +286,39 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path}: cannot read: no such file")
     try:
-        data = YamlConfigSettingsSource(ServerConfig, yaml_file=path).yaml_data
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
-    except (TypeError, ValueError) as exc:  # a list or a scalar at the top level
-        raise ConfigError(f"config file {path}: expected a mapping of keys ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: expected UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except YamlError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__} {echo(data)}")
     return data
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuse a ``SAFETY_MONITOR_*`` variable that neither the sidecar nor another component reads."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in ServerConfig.model_fields}
+    known |= {f"{ENV_PREFIX}{name}" for name in OTHER_COMPONENTS_ENV}
+    # pydantic-settings reads the environment case-insensitively: so does this check
+    unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown[:MAX_PROBLEMS]:
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"environment {echo(name)}: unknown variable{hint}")
+    if len(unknown) > MAX_PROBLEMS:
+        problems.append(f"and {len(unknown) - MAX_PROBLEMS} more")
+    raise ConfigError(
+        "; ".join(problems) + f"; expected {ENV_PREFIX}<key> for a key of the sidecar's config "
+        f"or one of {', '.join(ENV_PREFIX + n for n in OTHER_COMPONENTS_ENV)} (read by other components)"
+    )
 
 
 def load_config(
@@ -242,7 +333,9 @@ def load_config(
     if path is not None:
         for key, value in _read_yaml(Path(path)).items():
             values[key], origin[key] = value, f"config file {path}"
-    for key, value in _MappingEnvSource(ServerConfig, os.environ if env is None else env)().items():
+    environ = os.environ if env is None else env
+    _check_env_names(environ)
+    for key, value in _MappingEnvSource(ServerConfig, environ)().items():
         values[key], origin[key] = value, f"environment {ENV_PREFIX}{key.upper()}"
     for key, value in (overrides or {}).items():
         if value is not None:

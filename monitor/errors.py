@@ -7,6 +7,28 @@ MonitorError
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+MAX_ECHO = 160  # hostile values are echoed in errors and logs: never more than this many characters
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MAX_ECHO
+
+
+def echo(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters without building the whole repr first (an
+    aliased YAML list can stand for millions of items).
+
+    >>> echo("x" * 500, 20)
+    "'xxxxxxxxxxxxxxxxxx... (cut at 20 characters)"
+    >>> echo([[1, 2]] * 10**9)
+    '[[1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], ...]'
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}... (cut at {limit} characters)"
+
 
 class MonitorError(Exception):
     """Base of every error the sidecar raises on purpose."""
@@ -15,7 +37,7 @@ class MonitorError(Exception):
 class InvalidInput(MonitorError, ValueError):
     """A request field is malformed; the message names the field, expected and received values."""
 
-    MAX_ECHO = 160  # hostile values are echoed in errors and logs: never more than this
+    MAX_ECHO = MAX_ECHO
 
     def __init__(self, field: str, expected: str, received: str, *, reason: str = "invalid") -> None:
         if len(received) > self.MAX_ECHO:

@@ -222,6 +222,12 @@ class MonitorMetrics:
             ["result"],
             registry=r,
         )
+        self.drift_state_corrupt = Counter(
+            f"{PREFIX}_drift_state_corrupt_total",
+            "Saved drift states found corrupt at start-up, moved aside (<file>.corrupt-<time>) and "
+            "replaced by a fresh reference.",
+            registry=r,
+        )
         for rpc in RPCS:  # so rates exist (as 0) before the first request
             self.in_flight.labels(rpc)
             self.request_seconds.labels(rpc)

@@ -9,12 +9,12 @@ principles, confidence.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor._jsonl import jsonl_line
 from monitor.critique._critic import Critic, Verdict
 
 
@@ -40,7 +40,7 @@ class PreferenceLog:
 
     def append(self, pair: dict[str, Any]) -> None:
         with self._lock, self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            f.write(jsonl_line(pair))
 
 
 def _same(a: str, b: str) -> bool:

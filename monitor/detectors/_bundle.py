@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from monitor.errors import MonitorError
+from monitor._yaml import YamlError, load_yaml
+from monitor.errors import MonitorError, echo
 
 SUPPORTED_FORMAT = 1
 
@@ -70,12 +69,18 @@ class Bundle:
         if not manifest.is_file():
             raise BundleError(f"bundle: expected a folder with bundle.yaml, got {folder}")
         try:
-            raw = yaml.safe_load(manifest.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BundleError(f"{manifest}: not valid YAML: {exc}") from exc
+            raw = load_yaml(manifest.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise BundleError(f"{manifest}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise BundleError(f"{manifest}: expected UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        except YamlError as exc:
+            raise BundleError(f"{manifest}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise BundleError(f"{manifest}: expected a mapping of keys, got {type(raw).__name__} {echo(raw)}")
         fmt = raw.get("format_version")
         if fmt != SUPPORTED_FORMAT:
-            raise BundleError(f"{manifest}: format_version: expected {SUPPORTED_FORMAT}, got {fmt!r}")
+            raise BundleError(f"{manifest}: format_version: expected {SUPPORTED_FORMAT}, got {echo(fmt)}")
         try:
             hooks = tuple(
                 HookPoint(name=str(h["name"]), layer=int(h["layer"]), d_model=int(h["d_model"]))
@@ -93,7 +98,7 @@ class Bundle:
                 identity=bundle_identity(folder),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{manifest}: missing or malformed key: {exc}") from exc
+            raise BundleError(f"{manifest}: missing or malformed key: {echo(str(exc), 300)}") from None
         if not hooks:
             raise BundleError(f"{manifest}: hook_points: expected at least one, got none")
         if bundle.sae_path is not None and not bundle.sae_path.exists():

@@ -6,6 +6,7 @@ stored. Fitting writes these, ``DetectorSet`` (``_scoring``) turns them into run
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from monitor.detectors._bundle import BundleError
+from monitor.errors import echo
 
 KINDS = ("sae_probe", "linear_probe", "ensemble", "stack")
 COMPOSITES = ("stack",)  # kinds computed from other detectors' verdicts, not from projection columns
@@ -86,8 +88,8 @@ class DetectorSpec:
                 interactions=tuple((str(a), str(b), float(c)) for a, b, c in (d.get("interactions") or [])),
                 component=bool(d.get("component", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{where}: missing or malformed key: {exc}") from exc
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: missing or malformed key: {echo(str(exc), 300)}") from None
         if spec.kind not in KINDS:
             raise BundleError(f"{where}.kind: expected one of {list(KINDS)}, got {spec.kind!r}")
         if spec.aggregation not in AGGREGATIONS:
@@ -148,23 +150,59 @@ class ProbeWeights:
 
 
 def load_probe_weights(path: Path) -> dict[str, ProbeWeights]:
-    """Read ``detectors.safetensors`` (keys ``<name>.weight``, ``<name>.bias``, ``<name>.latents``)."""
+    """Read ``detectors.safetensors`` (keys ``<name>.weight``, ``<name>.bias``, ``<name>.latents``).
+
+    A truncated or garbage file, or one whose tensors are not a probe's, raises ``BundleError``
+    naming the file and the key (never a safetensors or numpy traceback at start-up).
+    """
     if not path.is_file():
         raise BundleError(f"bundle: expected detector weights at {path}, found nothing")
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    raw = load_file(str(path))
+    try:
+        raw = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise BundleError(f"{path}: expected a safetensors file of probe weights, unreadable: {exc}") from None
     names = {k.rsplit(".", 1)[0] for k in raw}
     out = {}
-    for n in names:
-        lat = raw.get(f"{n}.latents")
+    for n in sorted(names):
+        weight, bias, lat = raw.get(f"{n}.weight"), raw.get(f"{n}.bias"), raw.get(f"{n}.latents")
+        if weight is None or bias is None or weight.ndim != 1 or bias.size != 1:
+            got = {k: list(v.shape) for k, v in raw.items() if k.rsplit(".", 1)[0] == n}
+            raise BundleError(f"{path}: {n}: expected a 1-d {n}.weight and a one-element {n}.bias, got {got}")
+        if not np.issubdtype(weight.dtype, np.floating) or (lat is not None and lat.dtype.kind not in "iu"):
+            raise BundleError(f"{path}: {n}: expected float weights and integer latents")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise BundleError(f"{path}: {n}: expected finite weight and bias values, got NaN or infinity")
         out[n] = ProbeWeights(
-            weight=raw[f"{n}.weight"].astype(np.float32),
-            bias=float(raw[f"{n}.bias"].reshape(-1)[0]),
+            weight=weight.astype(np.float32),
+            bias=float(bias.reshape(-1)[0]),
             latents=None if lat is None else lat.astype(np.int64),
         )
         if out[n].latents is not None and out[n].latents.shape != out[n].weight.shape:  # type: ignore[union-attr]
             raise BundleError(f"{path}: {n}: latents and weight must have the same length")
+    return out
+
+
+def load_feature_reports(path: Path) -> dict[int, dict[str, Any]]:
+    """Read ``detectors.features.json`` ({latent id: {"label", "example", ...}}); a missing file is
+    no reports. Checked whole at start-up: a bad entry used to surface on every scored request."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BundleError(f"{path}: expected a JSON object of feature reports, unreadable: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BundleError(f"{path}: expected a JSON object of feature reports, got {type(doc).__name__} {echo(doc)}")
+    out: dict[int, dict[str, Any]] = {}
+    for key, report in doc.items():
+        if not (key.isascii() and key.isdigit()) or not isinstance(report, dict):
+            raise BundleError(
+                f"{path}: {echo(key)}: expected a latent id mapped to an object, got {echo(key)}: {echo(report)}"
+            )
+        out[int(key)] = report
     return out
 
 

@@ -14,7 +14,6 @@ the behaviour is seen before the running mean catches up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from monitor.detectors._manifest import (
     WEIGHTS_FILE,
     DetectorSpec,
     ProbeWeights,
+    load_feature_reports,
     load_probe_weights,
     save_probe_weights,
 )
@@ -335,6 +335,8 @@ class DetectorSet:
     def from_bundle(cls, bundle: Bundle, sae: Any = None) -> DetectorSet:
         """Load the detectors a bundle declares (an empty set when it declares none)."""
         entries = bundle.raw.get("detectors") or []
+        if not isinstance(entries, list):
+            raise BundleError(f"bundle.yaml: detectors: expected a list, got {type(entries).__name__}")
         specs = [DetectorSpec.from_dict(e, f"bundle.yaml: detectors[{i}]") for i, e in enumerate(entries)]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -346,9 +348,7 @@ class DetectorSet:
         reports: dict[int, Any] = {}
         if specs and bundle.path is not None:
             probes = load_probe_weights(bundle.path / WEIGHTS_FILE)
-            feats = bundle.path / FEATURES_FILE
-            if feats.is_file():
-                reports = {int(k): v for k, v in json.loads(feats.read_text()).items()}
+            reports = load_feature_reports(bundle.path / FEATURES_FILE)
         if sae is None and any(s.kind == "sae_probe" for s in specs) and bundle.sae_path is not None:
             from monitor.sae._files import read
 

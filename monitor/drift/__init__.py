@@ -4,12 +4,14 @@ Page-Hinkley change points, per statistic, bounded in memory and persisted acros
 from monitor.drift._change import PageHinkley
 from monitor.drift._distance import js_distance, ks_statistic, psi, wasserstein
 from monitor.drift._monitor import TESTS, DriftConfig, DriftMonitor, DriftReading, MetricDrift
+from monitor.drift._state import DriftStateError
 
 __all__ = [
     "TESTS",
     "DriftConfig",
     "DriftMonitor",
     "DriftReading",
+    "DriftStateError",
     "MetricDrift",
     "PageHinkley",
     "js_distance",

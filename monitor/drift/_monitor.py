@@ -9,6 +9,7 @@ and saves/loads its whole state as JSON, so a restart keeps the baseline. Memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,8 +25,8 @@ import numpy as np
 
 from monitor.drift._change import PageHinkley
 from monitor.drift._distance import BinnedReference
+from monitor.drift._state import STATE_VERSION, parse_state
 
-STATE_VERSION = 1
 TESTS = ("psi", "ks", "js", "wasserstein")
 
 
@@ -266,25 +267,28 @@ class DriftMonitor:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: the last whole state stays, no half-written file beside it
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path, config: DriftConfig | None = None) -> DriftMonitor:
-        """Read a state (or baseline) file written by ``save``."""
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"drift state {path}: not readable JSON: {exc}") from exc
-        if doc.get("version") != STATE_VERSION:
-            raise ValueError(f"drift state {path}: version: expected {STATE_VERSION}, got {doc.get('version')!r}")
+        """Read a state (or baseline) file written by ``save``, every field checked first.
+
+        Raises ``DriftStateError`` (a ``ValueError``) naming the bad field; ``OSError`` when the
+        file cannot be read.
+        """
+        doc = parse_state(Path(path))
         mon = cls(config)
-        mon.events = int(doc.get("events", 0))
-        mon.bundle = str(doc.get("bundle", ""))
-        for name, s in doc["metrics"].items():
-            mon.metrics[name] = MetricDrift.from_state(name, mon.config, s)
+        mon.events = doc.events
+        mon.bundle = doc.bundle
+        for name, s in doc.metrics.items():
+            mon.metrics[name] = MetricDrift.from_state(name, mon.config, s.model_dump())
         return mon
 
     def baseline(self) -> DriftMonitor:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.errors import echo
 from monitor.sae._config import SAEConfig, SAEError
 
 log = logging.getLogger("monitor.sae")
@@ -43,15 +44,15 @@ def read(path: str | Path) -> tuple[SAEConfig, State]:
     """
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
-        return read_gemma_scope(p)
+        return _checked(p, *read_gemma_scope(p))
     if (p / NATIVE_CFG).is_file():
-        return read_native(p)
+        return _checked(p, *read_native(p))
     if (p / SPARSIFY_CFG).is_file() and (p / SPARSIFY_WEIGHTS).is_file() and not (p / SAELENS_WEIGHTS).is_file():
-        return read_sparsify(p)
+        return _checked(p, *read_sparsify(p))
     if (p / SAELENS_CFG).is_file():
-        return read_saelens(p)
+        return _checked(p, *read_saelens(p))
     if (p / GEMMA_SCOPE).is_file():
-        return read_gemma_scope(p / GEMMA_SCOPE)
+        return _checked(p, *read_gemma_scope(p / GEMMA_SCOPE))
     raise SAEError(
         f"SAE path {p}: expected a folder with {NATIVE_CFG} (native), {SAELENS_CFG} + {SAELENS_WEIGHTS} "
         f"(SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify) or {GEMMA_SCOPE} (Gemma Scope), "
@@ -59,14 +60,53 @@ def read(path: str | Path) -> tuple[SAEConfig, State]:
     )
 
 
+def _checked(path: Path, cfg: SAEConfig, state: State) -> tuple[SAEConfig, State]:
+    """The encoder a bundle serves with has the config's shapes and finite values: a bad file
+    fails here, at start-up, naming the tensor, not on every scored request."""
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "b_dec": (cfg.d_in,)}
+    if "W_dec" in state:
+        expected["W_dec"] = (cfg.d_sae, cfg.d_in)
+    if cfg.architecture == "jumprelu":
+        expected["threshold"] = (cfg.d_sae,)
+    for name, shape in expected.items():
+        got = state.get(name)
+        if got is None:
+            raise SAEError(f"{path}: {name}: expected a tensor of shape {list(shape)}, missing")
+        if tuple(got.shape) != shape:
+            raise SAEError(f"{path}: {name}: expected shape {list(shape)} (d_in, d_sae), got {list(got.shape)}")
+        if not np.isfinite(got).all():
+            raise SAEError(f"{path}: {name}: expected finite values, got NaN or infinity")
+    return cfg, state
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON config file as a dict, or ``SAEError`` naming the file (never a decoder traceback)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SAEError(f"{path}: expected a JSON object, unreadable: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SAEError(f"{path}: expected a JSON object, got {type(doc).__name__} {echo(doc)}")
+    return doc
+
+
 def read_native(folder: Path) -> tuple[SAEConfig, State]:
-    meta = json.loads((folder / NATIVE_CFG).read_text())
+    meta = _read_json_object(folder / NATIVE_CFG)
     if meta.get("format") != FORMAT_NAME or meta.get("version") != 1:
         raise SAEError(
             f"{folder / NATIVE_CFG}: expected format {FORMAT_NAME!r} version 1, "
-            f"got {meta.get('format')!r} version {meta.get('version')!r}"
+            f"got {echo(meta.get('format'))} version {echo(meta.get('version'))}"
         )
-    return SAEConfig.from_dict(meta["config"]), load_safetensors(folder / NATIVE_WEIGHTS)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise SAEError(f"{folder / NATIVE_CFG}: config: expected an object, got {echo(config)}")
+    try:
+        cfg = SAEConfig.from_dict(config)
+    except TypeError as exc:  # a missing size or a value of the wrong type
+        raise SAEError(f"{folder / NATIVE_CFG}: config: {exc}") from None
+    except SAEError as exc:
+        raise SAEError(f"{folder / NATIVE_CFG}: config: {exc}") from None
+    return cfg, load_safetensors(folder / NATIVE_WEIGHTS)
 
 
 def read_saelens(folder: Path, norm_scaling_factor: float | None = None) -> tuple[SAEConfig, State]:
@@ -78,7 +118,7 @@ def read_saelens(folder: Path, norm_scaling_factor: float | None = None) -> tupl
     ``norm_scaling_factor`` (or the argument), folded into the weights here. Without a factor
     the weights are taken as already folded, as SAELens does at inference.
     """
-    raw = json.loads((folder / SAELENS_CFG).read_text())
+    raw = _read_json_object(folder / SAELENS_CFG)
     meta: Mapping[str, Any] = raw.get("metadata") or {}
     arch_key = raw.get("architecture") or raw.get("activation_fn_str") or "standard"
     if raw.get("activation_fn_str") == "topk" or raw.get("activation_fn") == "topk":
@@ -161,7 +201,7 @@ def read_sparsify(folder: Path, hook_point: str | None = None, model_id: str = "
     for f in (cfg_path, weights_path):
         if not f.is_file():
             raise SAEError(f"{folder}: expected sparsify's {SPARSIFY_CFG} and {SPARSIFY_WEIGHTS}; {f.name} is missing")
-    raw = json.loads(cfg_path.read_text())
+    raw = _read_json_object(cfg_path)
     if "d_in" not in raw:
         raise SAEError(f"{cfg_path}: d_in: missing (sparsify's save_to_disk writes it)")
     activation = raw.get("activation", "topk")
@@ -245,13 +285,17 @@ def fold_input_scale(cfg: SAEConfig, state: State) -> tuple[SAEConfig, State]:
 
 def load_safetensors(path: Path) -> State:
     """Every tensor of a safetensors file as float32 numpy (bfloat16, which numpy lacks, is widened)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        raw = load_file(str(path))
-    except TypeError:  # a bfloat16 tensor: numpy has no such dtype
-        raw = _load_with_bfloat16(path)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+        try:
+            raw = load_file(str(path))
+        except TypeError:  # a bfloat16 tensor: numpy has no such dtype
+            raw = _load_with_bfloat16(path)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:  # truncated, garbage
+        raise SAEError(f"{path}: expected a safetensors file of SAE weights, unreadable: {exc}") from None
 
 
 def _load_with_bfloat16(path: Path) -> State:

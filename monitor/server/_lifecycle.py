@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,11 +22,11 @@ from monitor.config import ServerConfig
 from monitor.critique import Constitution, Critic, CritiquePolicy, CritiqueService, OpenAIChatBackend
 from monitor.debate import DebateService
 from monitor.detectors import Bundle
-from monitor.drift import DriftConfig, DriftMonitor
 from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import DETECTOR_PREFIX, Limits, Pipeline
+from monitor.pipeline import Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
+from monitor.server._drift_restore import restore_drift
 from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
 from monitor.server._tls import TlsFiles, metrics_tls_kwargs, reload_metrics_context, server_credentials
 
@@ -45,26 +45,18 @@ class SidecarServer:
     def __init__(self, config: ServerConfig, bundle: Bundle | None = None) -> None:
         self.config = config
         self.bundle = bundle if bundle is not None else Bundle.load(config.bundle)
-        self.drift = load_drift(config, self.bundle.identity)
+        restored = restore_drift(config, self.bundle.identity)
+        self.drift = restored.monitor
         self.metrics = MonitorMetrics(drift=self.drift)
+        if restored.moved_aside is not None:
+            self.metrics.drift_state_corrupt.inc()
         self.pipeline = Pipeline(
             self.bundle, Limits(max_tokens=config.max_tokens, max_stream_tokens=config.max_stream_tokens)
         )
         self._saver: asyncio.Task[None] | None = None
         self.critique: CritiqueService | None = None
         self.debate: DebateService | None = None
-        self.audit = (
-            AuditLog(
-                config.audit_log,
-                on_result=lambda r: self.metrics.audit_records.labels(r).inc(),
-                fsync=config.audit_fsync,
-                max_bytes=config.audit_max_bytes,
-                backups=config.audit_backups,
-                max_age_seconds=config.audit_max_age_seconds,
-            )
-            if config.audit_log
-            else None
-        )
+        self.audit = self._open_audit(config.audit_log) if config.audit_log else None
         self._tls_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -72,6 +64,24 @@ class SidecarServer:
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._http: Any = None
+
+    def _open_audit(self, path: str) -> AuditLog:
+        """The audit log, opened now: a path that cannot be appended to stops the start-up (it
+        used to report SERVING and then fail every call UNAVAILABLE)."""
+        cfg = self.config
+        try:
+            return AuditLog(
+                path,
+                on_result=lambda r: self.metrics.audit_records.labels(r).inc(),
+                fsync=cfg.audit_fsync,
+                max_bytes=cfg.audit_max_bytes,
+                backups=cfg.audit_backups,
+                max_age_seconds=cfg.audit_max_age_seconds,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"audit_log: expected a file that can be appended to, got {path!r} ({exc.strerror or exc})"
+            ) from None
 
     async def start(self) -> None:
         cfg = self.config
@@ -116,22 +126,32 @@ class SidecarServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert and cfg.tls_key:
-            self.port = server.add_secure_port(
-                address, server_credentials(TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
-            )
-        else:
-            self.port = server.add_insecure_port(address)
+        # Asked of the OS first: grpc says only "Failed to bind" (and logs a line of its own).
+        problem = bind_problem(cfg.host, cfg.port)
+        if problem is None:
+            try:
+                if cfg.tls_cert and cfg.tls_key:
+                    self.port = server.add_secure_port(
+                        address, server_credentials(TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+                    )
+                else:
+                    self.port = server.add_insecure_port(address)
+            except RuntimeError:  # the TLS files were parsed with the config: the port was taken since
+                self.port = 0
         if self.port == 0:
-            raise OSError(f"port: could not bind gRPC to {address}")
+            raise ConfigError(f"port: cannot bind gRPC to {address}: {problem or 'refused by grpc'}")
         self.metrics.build_info.labels(__version__, self.bundle.name, self.bundle.model).set(1)
         metrics_tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
-        self._http, _ = start_http_server(
-            cfg.metrics_port,
-            addr=cfg.metrics_host,
-            registry=self.metrics.registry,
-            **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
-        )
+        try:
+            self._http, _ = start_http_server(
+                cfg.metrics_port,
+                addr=cfg.metrics_host,
+                registry=self.metrics.registry,
+                **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            where = f"{cfg.metrics_host}:{cfg.metrics_port}"
+            raise ConfigError(f"metrics_port: cannot serve /metrics on {where}: {exc.strerror or exc}") from None
         self.metrics_port = int(self._http.server_port)
         if metrics_tls is not None:
             self._tls_watch = asyncio.get_running_loop().create_task(self._watch_metrics_tls(metrics_tls))
@@ -179,9 +199,17 @@ class SidecarServer:
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             self._tls_watch = None
-        self.save_drift()
-        if self.audit is not None:
-            self.audit.close()
+        try:
+            self.save_drift()
+        except OSError as exc:  # a full disk at shutdown: keep the last saved state, still exit cleanly
+            log.error(
+                "drift_state: could not save to %s at shutdown (%s); the state saved before is kept",
+                self.config.drift_state,
+                exc.strerror or exc,
+            )
+        finally:
+            if self.audit is not None:
+                self.audit.close()
 
     async def _start_critique(self) -> CritiqueService | None:
         cfg = self.config
@@ -249,37 +277,20 @@ class SidecarServer:
             await self._server.wait_for_termination()
 
 
-def load_drift(config: ServerConfig, bundle_identity: str = "") -> DriftMonitor:
-    """The drift engine: the saved state if there is one, else the baseline file, else empty.
-
-    Detector statistics belong to one bundle: a state saved under another bundle keeps its text
-    statistics but starts fresh detector references (the old ones would raise false alarms).
-    """
-    dcfg = DriftConfig(reference_size=config.drift_reference_events, window_size=config.drift_window_events)
-    mon = DriftMonitor(dcfg)
-    if config.drift_state and Path(config.drift_state).is_file():
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now (None: it can), bound as grpc binds (SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve {host!r} ({exc.strerror or exc})"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            mon = DriftMonitor.load(config.drift_state, dcfg)
-        except ValueError as exc:
-            raise ConfigError(f"drift_state: {exc}") from exc
-        log.info("drift: restored state from %s (%d events seen)", config.drift_state, mon.events)
-    elif config.drift_baseline:
-        try:
-            mon = DriftMonitor.load(config.drift_baseline, dcfg)
-        except ValueError as exc:
-            raise ConfigError(f"drift_baseline: {exc}") from exc
-        log.info("drift: reference from baseline %s (%d metrics)", config.drift_baseline, len(mon.metrics))
-    if mon.bundle != bundle_identity:
-        dropped = mon.forget(DETECTOR_PREFIX)
-        if dropped:
-            log.info(
-                "drift: bundle changed (%s -> %s): %d detector statistics start fresh",
-                mon.bundle or "none",
-                bundle_identity,
-                dropped,
-            )
-        mon.bundle = bundle_identity
-    return mon
+            probe.bind(addr)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None
 
 
 def limit_blas_threads(threads: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,67 @@ def test_state_round_trips_through_disk(tmp_path: Path) -> None:
     bad.write_text('{"version": 99, "metrics": {}}')
     with pytest.raises(ValueError, match="version: expected 1, got 99"):
         DriftMonitor.load(bad)
+
+
+def test_a_failed_save_keeps_the_old_state_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    mon = DriftMonitor(DriftConfig(reference_size=10, window_size=10))
+    mon.update({"tokens": 1.0})
+    path = mon.save(tmp_path / "drift.json")
+    before = path.read_bytes()
+    mon.update({"tokens": 2.0})
+    tmp = tmp_path / "drift.json.tmp"
+    tmp.symlink_to("/dev/full")  # a real ENOSPC from the kernel on write
+    with pytest.raises(OSError, match="No space left on device"):
+        mon.save(path)
+    assert path.read_bytes() == before
+    assert not tmp.exists() and not tmp.is_symlink()
+
+
+def _state(**metric: object) -> str:
+    good = {"reference": [1.0, 2.0], "reference_frozen": True, "window": [1.5], "detector": None, "change_points": 0}
+    return json.dumps({"version": 1, "events": 3, "bundle": "b", "metrics": {"tokens": {**good, **metric}}})
+
+
+CORRUPT_STATES = {
+    "truncated": (_state()[:40], "expected a JSON object, got unreadable JSON"),
+    "empty": ("", "expected a JSON object, got unreadable JSON"),
+    "garbage": ("\x00\xff garbage", "expected a JSON object, got unreadable JSON"),
+    "nested too deep": ("[" * 100_000, "expected a JSON object, got unreadable JSON"),
+    "a list": ("[]", "expected a JSON object, got a JSON array []"),
+    "null": ("null", "expected a JSON object, got null"),
+    "no version": ('{"metrics": {}}', "version: expected 1, got None"),
+    "no metrics": ('{"version": 1, "events": 0}', "metrics: Field required"),
+    "metrics a list": ('{"version": 1, "metrics": []}', "metrics: expected a valid dictionary"),
+    "events a string": ('{"version": 1, "events": "7", "metrics": {}}', "events: expected a valid integer, got '7'"),
+    "negative events": ('{"version": 1, "events": -1, "metrics": {}}', "events: expected greater than or equal to 0"),
+    "reference a string": (_state(reference="abc"), "metrics.tokens.reference: expected a valid list, got 'abc'"),
+    "reference of strings": (_state(reference=[1, "2"]), "metrics.tokens.reference.1: expected a valid number"),
+    "reference NaN": (_state(reference=[float("nan")]), "metrics.tokens.reference.0: expected a finite number"),
+    "frozen a string": (_state(reference_frozen="yes"), "metrics.tokens.reference_frozen: expected a valid boolean"),
+    "frozen and empty": (_state(reference=[]), "reference: expected values when reference_frozen is true"),
+    "window missing": (_state(window=None), "metrics.tokens.window: expected a valid list, got None"),
+    "detector a list": (_state(detector=[1]), "metrics.tokens.detector: expected a valid dictionary"),
+    "detector half": (_state(detector={"n": 3}), "metrics.tokens.detector.delta: Field required"),
+    "change_points float": (_state(change_points=1.5), "metrics.tokens.change_points: expected a valid integer"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPT_STATES))
+def test_a_corrupt_state_is_refused_naming_the_field(tmp_path: Path, name: str) -> None:
+    text, message = CORRUPT_STATES[name]
+    path = tmp_path / "drift.json"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        DriftMonitor.load(path)
+    assert str(info.value).startswith(f"drift state {path}: ") and "\n" not in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+def test_a_valid_state_with_a_detector_loads_every_field(tmp_path: Path) -> None:
+    ph = PageHinkley()
+    for x in [0.0] * 40:
+        ph.update(x)
+    path = tmp_path / "drift.json"
+    path.write_text(_state(detector=ph.state(), change_points=2))
+    m = DriftMonitor.load(path).metrics["tokens"]
+    assert (m.reference, list(m.window), m.detector, m.change_points) == ([1.0, 2.0], [1.5], ph, 2)
