@@ -34,6 +34,8 @@ HOOK, MODEL, D_MODEL = "blocks.16.hook_resid_post", "HuggingFaceTB/SmolLM2-135M-
 
 
 def median_of(repeats: int, fn: Callable[[], float]) -> float:
+    """Median of ``repeats`` runs after one warm-up run (first calls pay for imports and set-up)."""
+    fn()
     return statistics.median(fn() for _ in range(repeats))
 
 
