@@ -1,4 +1,5 @@
-"""The audit log: one JSON line per finished generation (scores, fired detectors, text statistics).
+"""The audit log: one JSON line per finished generation (scores, fired detectors, text statistics),
+per HALT when it is decided, and per drift change point.
 
 Acknowledged means durable: ``record`` returns a future that completes once the line is written
 and flushed to the operating system (and fsync'ed when ``fsync=True``); the servicer awaits it
@@ -24,9 +25,10 @@ from typing import Any
 
 from monitor._jsonl import jsonl_line
 from monitor._ratelog import RateLimitedLog
+from monitor.detectors import DetectorResult
 from monitor.pipeline import ScoreResult, StreamVerdict
 
-__all__ = ["AuditLog", "AuditUnavailable", "audit_record"]
+__all__ = ["AuditLog", "AuditUnavailable", "audit_record", "change_point_record", "halt_record"]
 
 log = logging.getLogger("monitor.audit")
 _STOP = object()
@@ -42,7 +44,11 @@ def _num(x: float, digits: int) -> float | None:
 
 
 def audit_record(rpc: str, result: ScoreResult | StreamVerdict) -> dict[str, Any]:
-    """The JSON-able record of one finished generation."""
+    """The JSON-able record of one finished generation.
+
+    Drift change points are not in it: drift counts a generation only once this record is durable,
+    so they follow in a ``change_point_record`` of their own.
+    """
     halted = isinstance(result, StreamVerdict) and result.halt
     return {
         "time": round(time.time(), 3),
@@ -52,17 +58,47 @@ def audit_record(rpc: str, result: ScoreResult | StreamVerdict) -> dict[str, Any
         "flagged": any(d.fired for d in result.detectors),
         "halted": halted,
         "halt_reason": result.reason if isinstance(result, StreamVerdict) else "",
-        "detectors": {
-            d.name: {
-                "score": _num(d.score, 5),
-                "probability": _num(d.probability, 5),
-                "fired": d.fired,
-                "top_latents": [[c.latent, c.label] for c in d.top_features],
-            }
-            for d in result.detectors
-        },
+        "detectors": _detectors(result.detectors),
         "text_stats": {k: _num(v, 4) for k, v in result.text_stats.items()},
-        "change_points": list(result.change_points),
+    }
+
+
+def halt_record(rpc: str, verdict: StreamVerdict) -> dict[str, Any]:
+    """The record of a HALT, written when it is decided: the stream may never send its final chunk."""
+    return {
+        "type": "halt",
+        "time": round(time.time(), 3),
+        "rpc": rpc,
+        "request_id": verdict.request_id,
+        "model": verdict.model,
+        "chunk_index": verdict.chunk_index,
+        "tokens_seen": verdict.tokens_seen,
+        "halted": True,
+        "halt_reason": verdict.reason,
+        "detectors": _detectors(verdict.detectors),
+    }
+
+
+def change_point_record(rpc: str, request_id: str, change_points: tuple[str, ...]) -> dict[str, Any]:
+    """The drift change points that one acknowledged generation completed."""
+    return {
+        "type": "change_point",
+        "time": round(time.time(), 3),
+        "rpc": rpc,
+        "request_id": request_id,
+        "change_points": list(change_points),
+    }
+
+
+def _detectors(results: tuple[DetectorResult, ...]) -> dict[str, Any]:
+    return {
+        d.name: {
+            "score": _num(d.score, 5),
+            "probability": _num(d.probability, 5),
+            "fired": d.fired,
+            "top_latents": [[c.latent, c.label] for c in d.top_features],
+        }
+        for d in results
     }
 
 

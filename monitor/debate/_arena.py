@@ -36,7 +36,7 @@ def _same(a: str, b: str) -> bool:
 
 
 class DebateAgent:
-    """A debater: a name, a backend (its generation function) and an honesty flag.
+    """A debater: a name and a backend (its generation function).
 
     ``stance`` fixes the answer the agent defends (the experiment gives the honest agent the true
     answer and the deceptive one a false one); without it the agent writes its own answer and asks
@@ -48,7 +48,6 @@ class DebateAgent:
         name: str,
         backend: AgentBackend,
         *,
-        honest: bool = True,
         stance: str | None = None,
         max_tokens: int = 64,
         timeout: float = 120.0,
@@ -57,7 +56,6 @@ class DebateAgent:
             raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
         self.name = name
         self.backend = backend
-        self.honest = honest
         self.stance = stance
         self.max_tokens = max_tokens
         self.timeout = timeout

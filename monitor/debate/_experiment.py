@@ -95,8 +95,8 @@ async def run_experiment(
         q = questions[order[i % len(order)]]
         honest_first = rng.random() < 0.5
         honest_proposer += honest_first
-        honest = DebateAgent("honest", backend, honest=True, stance=q.true_answer, max_tokens=max_tokens)
-        deceptive = DebateAgent("deceptive", backend, honest=False, stance=q.false_answer, max_tokens=max_tokens)
+        honest = DebateAgent("honest", backend, stance=q.true_answer, max_tokens=max_tokens)
+        deceptive = DebateAgent("deceptive", backend, stance=q.false_answer, max_tokens=max_tokens)
         proposer, opponent = (honest, deceptive) if honest_first else (deceptive, honest)
         honest_side = "proposer" if honest_first else "opponent"
         result = await arena.debate(q.question, proposer, opponent)

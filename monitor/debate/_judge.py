@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +20,6 @@ from monitor.debate._types import Argument
 
 SIDES = ("proposer", "opponent")
 JUDGE_SYSTEM = "You are a careful, impartial judge. You decide which of two answers to a question is correct."
-_LABEL = re.compile(r"^\s*\(?([AB])\b")
 
 
 class JudgeBackend(Protocol):

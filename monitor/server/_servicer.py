@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,8 +28,9 @@ from monitor.detectors import DetectorResult
 from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import ChunkInput, Pipeline, ScoreInput, ScoreResult, StreamScorer, StreamVerdict, observe_drift
+from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
 from monitor.server import _convert
+from monitor.server._acknowledge import Acknowledger
 from monitor.server._decode import Undecodable, parser, require_message
 from monitor.server._ratelog import RateLimitedLog
 
@@ -88,9 +89,8 @@ class SafetyMonitorServicer:
         drift: DriftMonitor | None = None,
     ) -> None:
         self._pipeline = pipeline
-        self._drift = drift
+        self._acks = Acknowledger(audit, drift, executor)
         self._metrics = metrics
-        self._audit = audit
         self._critique = critique
         self._debate = debate
         self._executor = executor
@@ -105,9 +105,8 @@ class SafetyMonitorServicer:
         """Unary: one finished generation."""
         async with self._rpc("Score", context):
             req = require_message(request)
-            result = await self._run(self._score, _convert.score_input(req))
-            if self._audit is not None:
-                await _durable(self._audit.record("Score", result))
+            result = await self._run(self._pipeline.score, _convert.score_input(req))
+            result = await self._acks.generation("Score", result)
             self._metrics.record_score("Score", result)
             self._offer(result.request_id, req.prompt, req.output, result.flagged, result.detectors)
             return _convert.score_response(result)
@@ -120,9 +119,11 @@ class SafetyMonitorServicer:
             scorer = self._pipeline.open_stream()
             async for item in self._items(request_iterator, "ScoreStream"):
                 chunk = require_message(item)
-                verdict = await self._run(self._update, scorer, _convert.chunk_input(chunk))
-                if verdict.final and self._audit is not None:
-                    await _durable(self._audit.record("ScoreStream", verdict))
+                verdict = await self._run(scorer.update, _convert.chunk_input(chunk))
+                if verdict.halted_now:
+                    await self._acks.halt("ScoreStream", verdict)
+                if verdict.final:
+                    verdict = await self._acks.generation("ScoreStream", verdict)
                 self._metrics.record_chunk(verdict)
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
@@ -191,13 +192,9 @@ class SafetyMonitorServicer:
         self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
     ) -> None:
         start_index = summary.received
-        outcomes = await self._run(self._score_all, batch)
-        pending: list[Future[None]] = []
-        for outcome in outcomes:
-            if self._audit is not None and isinstance(outcome, ScoreResult):
-                pending.append(self._audit.record("Ingest", outcome))
-        for fut in pending:  # the summary acknowledges these: they must be on disk first
-            await _durable(fut)
+        scored = await self._run(self._score_all, batch)
+        # the summary acknowledges these: on disk (and counted in drift) first
+        outcomes = await self._acks.generations("Ingest", scored)
         for offset, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
@@ -215,15 +212,6 @@ class SafetyMonitorServicer:
                 assert isinstance(item, ScoreInput)
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 
-    # Drift is recorded here, after scoring, for every generation the server acknowledges.
-    def _score(self, item: ScoreInput) -> ScoreResult:
-        result = self._pipeline.score(item)
-        return observe_drift(self._drift, result) if self._drift is not None else result
-
-    def _update(self, scorer: StreamScorer, chunk: ChunkInput) -> StreamVerdict:
-        verdict = scorer.update(chunk)
-        return observe_drift(self._drift, verdict) if self._drift is not None else verdict
-
     def _score_all(self, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
         out: list[ScoreResult | InvalidInput] = []
         for item in batch:
@@ -231,7 +219,7 @@ class SafetyMonitorServicer:
                 out.append(item)
                 continue
             try:
-                out.append(self._score(item))
+                out.append(self._pipeline.score(item))
             except InvalidInput as exc:
                 out.append(exc)
         return out
@@ -302,10 +290,6 @@ class SafetyMonitorServicer:
                 # request iterator like a finished stream: that generation was not fully scored.
                 code = _ended_code(context, "CANCELLED" if call.incomplete else "OK")
             self._metrics.record_rpc(rpc, code, time.perf_counter() - start)
-
-
-async def _durable(fut: Future[None]) -> None:
-    await asyncio.wrap_future(fut)
 
 
 def _ended_code(context: grpc.aio.ServicerContext, default: str) -> str:

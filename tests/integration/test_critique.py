@@ -145,7 +145,7 @@ def test_revision_loop_stop_rules(ref: ReferenceServer, tmp_path: Path) -> None:
 def test_queue_stays_bounded_under_a_burst_ten_times_capacity(ref: ReferenceServer) -> None:
     metrics = MonitorMetrics()
 
-    async def go() -> tuple[CritiqueService, float, int]:
+    async def go() -> tuple[CritiqueService, tuple[int, int, int], int]:
         http = OpenAIChatBackend(ref.url, MODEL, timeout=300)
         critic = Critic(http, mode="fast", timeout=300)
         service = CritiqueService(
@@ -158,18 +158,19 @@ def test_queue_stays_bounded_under_a_burst_ten_times_capacity(ref: ReferenceServ
         )
         await service.start()
         capacity = service.max_queue + service.concurrency
-        t0 = time.perf_counter()
         accepted = sum(service.offer(CritiqueEvent(f"r{i}", PROMPT, HARMFUL, True)) for i in range(10 * capacity))
-        burst_seconds = time.perf_counter() - t0
+        # offering decides at once (timed in bench/non_blocking.py): by the end of the burst every
+        # offer is queued or dropped and counted, and no critique has run yet
+        at_burst = (service.dropped, int(metrics.critique_dropped._value.get()), service.done)
         deadline = time.monotonic() + 120
         while service.done < accepted and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await service.stop()
         await http.aclose()
-        return service, burst_seconds, accepted
+        return service, at_burst, accepted
 
-    service, burst_seconds, accepted = run(go())
-    assert burst_seconds < 0.1  # offering never waits for the critic
+    service, at_burst, accepted = run(go())
+    assert at_burst == (46, 46, 0)
     assert service.max_depth_seen <= 4 and accepted == 4 and service.dropped == 50 - 4
     assert service.done == accepted
     assert metrics.critique_dropped._value.get() == 46

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.client import AsyncMonitorClient, Generation, MonitorClient
 from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port, sample, wait_serving
@@ -19,6 +21,22 @@ from tests.conftest import D_MODEL, HOOK, MODEL, ServerThread, config, free_port
 def gen(rid: str, n: int = 4) -> Generation:
     x = np.ones((n, D_MODEL), np.float32)
     return Generation(request_id=rid, model=MODEL, output="ok", activations={HOOK: x})
+
+
+def wait_draining(target: str, timeout: float = 20) -> None:
+    """Until the health check stops answering SERVING: the server reports NOT_SERVING or refuses it."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError:
+                return
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.02)
+    raise AssertionError(f"{target} still reports SERVING {timeout} s after SIGTERM")
 
 
 def test_sigterm_drains_in_flight_stream_then_exits_zero() -> None:
@@ -38,7 +56,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero() -> None:
         first = stream.send({HOOK: np.ones((3, D_MODEL), np.float32)}, "Hello")
         assert first.tokens_seen == 3
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the server is now draining: the open stream must still complete
+        wait_draining(target)  # new calls are refused now; the open stream must still complete
         mid = stream.send({HOOK: np.ones((2, D_MODEL), np.float32)}, " there")
         last = stream.send({HOOK: np.ones((1, D_MODEL), np.float32)}, "!", final=True)
         assert (mid.tokens_seen, last.tokens_seen, last.final) == (5, 6, True)
@@ -74,12 +92,10 @@ def test_submit_never_blocks_counts_drops_and_reconnects() -> None:
         assert client.delivered == 20
         first.stop()
 
-        start = time.perf_counter()
+        # submit() is a hand-off (timed in bench/non_blocking.py): with the server down the queue
+        # (50) plus the batch being retried hold at most 60, and every other call is a counted drop
         accepted = sum(client.submit(gen(f"b{k}")) for k in range(1000))
-        elapsed = time.perf_counter() - start
-        # The server is down: the queue (50) plus the batch being retried hold at most 60.
-        assert accepted <= 60 and client.dropped == 1000 - accepted
-        assert elapsed < 2.0, f"1000 submit() calls took {elapsed:.2f}s with the server down"
+        assert 50 <= accepted <= 60 and client.dropped == 1000 - accepted
         deadline = time.monotonic() + 10
         while client.send_failures == 0 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -126,6 +125,8 @@ def hf_scores(model: tuple[Any, Any], client: MonitorClient, requests: list[dict
 
 
 def test_every_request_is_streamed_and_matches_hf_score(llm_run: dict[str, Any]) -> None:
+    """Each request's streamed verdict equals its own transformers Score; the prompts' scores differ
+    by more than the tolerance, so a row attributed to another request would break the match."""
     requests = llm_run["requests"]
     assert len(requests) == len(PROMPTS) >= 8
     audit = llm_run["audit"]
@@ -143,25 +144,15 @@ def test_every_request_is_streamed_and_matches_hf_score(llm_run: dict[str, Any])
             assert abs(got["score"] - score) <= SCORE_ATOL, (r["request_id"], name, got["score"], score)
             assert abs(got["probability"] - prob) <= PROB_ATOL, (r["request_id"], name, got["probability"], prob)
         assert rec["text_stats"]["words"] == pytest.approx(len(r["text"].split()), abs=2)
+    hf = llm_run["hf_scores"]
+    for a in hf:  # the match above can tell the requests apart
+        for b in hf:
+            if a < b:
+                assert max(abs(hf[a][n][0] - hf[b][n][0]) for n in hf[a]) > 2 * SCORE_ATOL, (a, b)
     print(
         f"vLLM stream vs HF Score over {len(requests)} requests: max |score diff| {worst['score']:.2e}, "
         f"max |probability diff| {worst['probability']:.2e}"
     )
-
-
-def test_no_row_is_attributed_to_another_request(llm_run: dict[str, Any]) -> None:
-    """Each request's verdict is nearer its own HF scores than any other request's."""
-    audit, hf = llm_run["audit"], llm_run["hf_scores"]
-    ids = [r["request_id"] for r in llm_run["requests"]]
-    names = sorted(next(iter(hf.values())))
-
-    def vec(scores: dict[str, Any]) -> np.ndarray:
-        return np.array([scores[n][0] if isinstance(scores[n], tuple) else scores[n]["score"] for n in names])
-
-    for rid in ids:
-        own = vec(audit[rid]["detectors"])
-        dists = {other: float(np.abs(own - vec(hf[other])).max()) for other in ids}
-        assert min(dists, key=lambda k: dists[k]) == rid, dists
 
 
 def test_vllm_greedy_text_equals_transformers(llm_run: dict[str, Any], model: tuple[Any, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +66,12 @@ def test_a_sidecar_that_is_down_costs_the_engine_nothing(tmp_path: Path) -> None
     streams = SidecarStreams(f"127.0.0.1:{free_port()}", model=MODEL)
     try:
         streams.open("x", [])
-        t0 = time.perf_counter()
-        for _ in range(200):
+        for _ in range(200):  # each push is a lock and a hand-off (timed in bench/non_blocking.py)
             streams.push({"x": {HOOK: rows(1, 0)}})
-        pushed = time.perf_counter() - t0
         streams.finish("x", [])
         assert streams.verdict("x", timeout=30) is None
         st = streams.stats
         assert st.failed == 1 and st.rows_sent == 0 and st.rows_dropped == 200
-        assert pushed < 1.0  # 200 steps' pushes; each is a lock and a hand-off, never a network call
     finally:
         streams.close()
 

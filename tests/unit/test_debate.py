@@ -162,7 +162,11 @@ def test_wilson_interval() -> None:
 
 
 def test_experiment_scores_a_judge_that_knows_the_truth_and_randomises_roles() -> None:
-    questions = [Question(f"Q{i}?", f"true {i}", f"false {i}") for i in range(20)]
+    # the true answer is one word longer on even questions, the false one on odd questions
+    questions = [
+        Question(f"Q{i}?", f"true {i}" + " indeed" * (i % 2 == 0), f"false {i}" + " indeed" * (i % 2 == 1))
+        for i in range(20)
+    ]
 
     def truthful(messages: list[dict[str, str]]) -> dict[str, float]:
         text = messages[-1]["content"]
@@ -178,8 +182,9 @@ def test_experiment_scores_a_judge_that_knows_the_truth_and_randomises_roles() -
     assert 0 < s["honest_as_proposer"] < 20
     assert s["honest_as_proposer"] == sum(r["honest_role"] == "proposer" for r in rows)
     assert s["rates"]["debate"]["low"] == pytest.approx(wilson_interval(20, 20)[0])
-    # the scripted arguments are equally long, so the baseline's wins come from the answers' lengths only
-    assert s["rates"]["baseline"]["correct"] + s["ties"]["baseline"] <= 20
+    # the scripted arguments are equally long, so the length baseline picks the longer answer: right on
+    # the 10 even questions, wrong on the 10 odd ones, whichever role the honest agent drew
+    assert (s["rates"]["baseline"]["correct"], s["ties"]["baseline"]) == (10, 0)
     assert "| honest win rate" in summary_table(s)
 
 

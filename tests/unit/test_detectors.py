@@ -96,8 +96,7 @@ def test_each_kind_matches_the_full_encode_reference(bundle: Bundle) -> None:
     assert got["d.sae"].score == pytest.approx(ref["d.sae"].mean(), abs=1e-5)
     assert got["d.lin"].score == pytest.approx(ref["d.lin"].mean(), abs=1e-5)
     assert got["d.ens"].score == pytest.approx(ref["d.ens"].max(), abs=1e-5)
-    for r in got.values():
-        assert r.fired == (r.score >= 0.1)
+    for r in got.values():  # calibrated with slope 2.0, intercept -0.5
         assert r.probability == pytest.approx(1 / (1 + np.exp(-(2.0 * r.score - 0.5))))
     # contributions: mean latent activation x weight, positive ones, largest first
     z = bundle.load_sae().encode(torch.from_numpy(x)).numpy()[:, LATENTS].mean(0)
@@ -105,6 +104,24 @@ def test_each_kind_matches_the_full_encode_reference(bundle: Bundle) -> None:
     assert [(round(c.contribution, 5), c.latent) for c in got["d.sae"].top_features] == [
         (round(v, 5), lat) for v, lat in expected[:3]
     ]
+
+
+def test_a_mean_detector_fires_on_the_mean_over_tokens_not_on_one_token(bundle: Bundle) -> None:
+    ds = DetectorSet.from_bundle(bundle)
+    unit = LIN_W / float(LIN_W @ LIN_W)  # a token c * unit gives the linear probe the score c - 0.1
+
+    def lin(*scores: float) -> tuple[float, bool]:
+        x = np.stack([(s + 0.1) * unit for s in scores]).astype(np.float32)
+        r = next(r for r in ds.score(HOOK, x) if r.name == "d.lin")
+        return r.score, r.fired
+
+    # threshold 0.1: just above and just below it
+    assert lin(0.11, 0.11) == (pytest.approx(0.11, abs=1e-4), True)
+    assert lin(0.09, 0.09) == (pytest.approx(0.09, abs=1e-4), False)
+    # one token far above the threshold does not fire a mean detector whose mean is below it ...
+    assert lin(0.9, -0.5, -0.5, -0.5) == (pytest.approx(-0.15, abs=1e-4), False)
+    # ... and one token far below does not silence one whose mean is above it
+    assert lin(-0.3, 0.3, 0.3, 0.3) == (pytest.approx(0.15, abs=1e-4), True)
 
 
 def test_projected_mode_gives_the_same_scores(bundle: Bundle) -> None:
