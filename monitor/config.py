@@ -48,6 +48,9 @@ class ServerConfig(BaseSettings):
         abandoned streams never starve Score); more are shed with RESOURCE_EXHAUSTED (counted).
     stream_idle_seconds: a stream that sends no message for this long is ended DEADLINE_EXCEEDED.
     max_stream_chunks: most messages in one ScoreStream or Ingest call (RESOURCE_EXHAUSTED past it).
+    send_timeout_seconds: a ScoreStream whose client reads no verdict for this long (the server is
+        blocked sending one) is ended and its slot freed (counted in
+        ``safety_monitor_send_timeouts_total``).
     max_tokens: largest token count of one activation block (one request or one stream chunk).
     max_stream_tokens: largest total token count of one ScoreStream.
     drain_seconds: on SIGTERM, how long in-flight RPCs may run before the server exits.
@@ -99,6 +102,7 @@ class ServerConfig(BaseSettings):
     max_streams: Positive = 32
     stream_idle_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_stream_chunks: Positive = 16384
+    send_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     max_tokens: Positive = 8192
     max_stream_tokens: Positive = 65536
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0

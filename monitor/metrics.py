@@ -77,6 +77,12 @@ class MonitorMetrics:
             ["rpc"],
             registry=r,
         )
+        self.send_timeouts = Counter(
+            f"{PREFIX}_send_timeouts_total",
+            "Streams ended because the client read no reply for send_timeout_seconds (a slow or stuck reader).",
+            ["rpc"],
+            registry=r,
+        )
         self.invalid = Counter(
             f"{PREFIX}_invalid_inputs_total",
             "Requests or items rejected with INVALID_ARGUMENT, by reason.",

@@ -100,6 +100,7 @@ class SidecarServer:
             max_streams=cfg.max_streams,
             stream_idle_seconds=cfg.stream_idle_seconds,
             max_stream_chunks=cfg.max_stream_chunks,
+            send_timeout_seconds=cfg.send_timeout_seconds,
         )
         servicer = SafetyMonitorServicer(
             self.pipeline,

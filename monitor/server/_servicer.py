@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from monitor._proto import monitor_pb2 as pb
 from monitor.audit import AuditLog, AuditUnavailable
@@ -55,6 +56,7 @@ class Admission:
     max_streams: int = 32
     stream_idle_seconds: float = 30.0
     max_stream_chunks: int = 16384
+    send_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -71,6 +73,18 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class _ClientGone(Exception):
+    """A reply could not be written: the client cancelled or its connection dropped."""
+
+
+class _SendTimeout(Exception):
+    """The client read no reply for ``send_timeout_seconds``.
+
+    No status can be sent either: gRPC queues it behind the blocked message, and ``abort`` then
+    waits as long as the client does. The call is ended like a cancelled one instead.
+    """
 
 
 class SafetyMonitorServicer:
@@ -114,9 +128,17 @@ class SafetyMonitorServicer:
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreChunk | Undecodable], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Verdict]:
-        """Bidirectional: a verdict per chunk of a running generation."""
+    ) -> None:
+        """Bidirectional: a verdict per chunk of a running generation.
+
+        Written with ``context.write`` rather than ``yield`` so that each send has a deadline: a
+        client that stops reading blocks the send (HTTP/2 flow control), and a generator would hold
+        its stream slot for as long as the client liked.
+        """
         async with self._rpc("ScoreStream", context) as call:
+            # Headers go out on their own (they are not flow-controlled), so a send that times out
+            # leaves only its message pending and the status can still be queued behind it.
+            await self._transport(context.send_initial_metadata(()))
             scorer = self._pipeline.open_stream()
             async for item in self._items(request_iterator, "ScoreStream"):
                 chunk = require_message(item)
@@ -128,7 +150,7 @@ class SafetyMonitorServicer:
                     flagged = any(d.fired for d in verdict.detectors)
                     self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged, verdict.detectors)
                 call.incomplete = not scorer.finished and scorer.chunks > 0
-                yield _convert.verdict(verdict)
+                await self._send(context, _convert.verdict(verdict), "ScoreStream")
 
     async def Ingest(
         self, request_iterator: AsyncIterator[pb.ScoreRequest | Undecodable], context: grpc.aio.ServicerContext
@@ -186,6 +208,25 @@ class SafetyMonitorServicer:
                     "too_many_chunks",
                 )
             yield item
+
+    async def _send(self, context: grpc.aio.ServicerContext, message: object, rpc: str) -> None:
+        """Write one reply, or end the call when the client has read nothing for ``send_timeout_seconds``."""
+        timeout = self._admission.send_timeout_seconds
+        try:
+            await self._transport(asyncio.wait_for(context.write(message), timeout))
+        except TimeoutError:
+            self._metrics.send_timeouts.labels(rpc).inc()
+            raise _SendTimeout(
+                f"{rpc}: the client read no reply for {timeout:g} s (send_timeout_seconds); stream closed"
+            ) from None
+
+    @staticmethod
+    async def _transport(op: Awaitable[None]) -> None:
+        """Await a send; a send the transport refuses means nobody is there to read it."""
+        try:
+            await op
+        except ExecuteBatchError as exc:
+            raise _ClientGone(str(exc)) from None
 
     async def _ingest_batch(
         self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
@@ -287,6 +328,15 @@ class SafetyMonitorServicer:
         except (asyncio.CancelledError, GeneratorExit):
             code = _ended_code(context, "CANCELLED")
             raise
+        except _ClientGone:
+            # No status can reach the client either: end the call the way gRPC ends a cancelled
+            # one (CancelledError is logged at debug level), never with a traceback per stream.
+            code = _ended_code(context, "CANCELLED")
+            raise asyncio.CancelledError() from None
+        except _SendTimeout as exc:
+            code = "DEADLINE_EXCEEDED"
+            self._rejections.warning((rpc, "send_timeout"), "%s", exc)
+            raise asyncio.CancelledError() from None
         except Exception as exc:  # the server must survive anything a request triggers
             if isinstance(exc, grpc.aio.AbortError):
                 code = _code_name(context)
