@@ -83,6 +83,12 @@ class MonitorMetrics:
             ["rpc"],
             registry=r,
         )
+        self.receive_timeouts = Counter(
+            f"{PREFIX}_receive_timeouts_total",
+            "Calls ended: no complete message for stream_idle_seconds (a silent stream, an unfinished body).",
+            ["rpc"],
+            registry=r,
+        )
         self.invalid = Counter(
             f"{PREFIX}_invalid_inputs_total",
             "Requests or items rejected with INVALID_ARGUMENT, by reason.",

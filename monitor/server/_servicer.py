@@ -1,7 +1,9 @@
 """The SafetyMonitor servicer: one thin method per RPC, named as in the proto.
 
-Each method converts the wire message, runs the pipeline on the scoring thread pool and
-converts the result back. ``_rpc`` is the one place that admits or sheds a call, maps errors to
+Each method hands the raw request bytes to the scoring thread pool, which bounds their declared
+work, parses, converts and scores them (never the event loop, which must keep answering health
+checks), and converts the result back. Every RPC is registered request-streaming, so a call is
+admitted, and its body timed, from its first byte. ``_rpc`` is the one place that admits or sheds a call, maps errors to
 status codes and records per-RPC metrics. Unary calls and streams draw on separate admission
 budgets, so idle or abandoned streams can never starve ``Score``. A reply that acknowledges a
 generation is sent only after its audit record is durable (``monitor.audit``).
@@ -29,9 +31,10 @@ from monitor.detectors import DetectorResult
 from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import ChunkInput, Pipeline, ScoreInput, ScoreResult, StreamScorer, StreamVerdict, observe_drift
+from monitor.pipeline import Pipeline, ScoreInput, ScoreResult, StreamScorer, StreamVerdict, observe_drift
 from monitor.server import _convert
-from monitor.server._decode import Undecodable, parser, require_message
+from monitor.server._budget import Budget
+from monitor.server._decode import decode
 from monitor.server._ratelog import RateLimitedLog
 
 log = logging.getLogger("monitor.server")
@@ -111,24 +114,23 @@ class SafetyMonitorServicer:
         self._admission = admission
         self._active = {"unary": 0, "stream": 0}
         self._rejections = RateLimitedLog(log, interval=60.0)
+        self._budget = Budget(max_blocks=max(64, len(pipeline.bundle.hook_points)))
 
     # -- RPCs ---------------------------------------------------------------------------------
     async def Score(
-        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         """Unary: one finished generation."""
         async with self._rpc("Score", context):
-            req = require_message(request)
-            result = await self._run(self._score, _convert.score_input(req))
+            raw = await self._one(request_iterator, "Score")
+            item, result = await self._run(self._score_bytes, raw)
             if self._audit is not None:
                 await _durable(self._audit.record("Score", result))
             self._metrics.record_score("Score", result)
-            self._offer(result.request_id, req.prompt, req.output, result.flagged, result.detectors)
+            self._offer(result.request_id, item.prompt, item.output, result.flagged, result.detectors)
             return _convert.score_response(result)
 
-    async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreChunk | Undecodable], context: grpc.aio.ServicerContext
-    ) -> None:
+    async def ScoreStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """Bidirectional: a verdict per chunk of a running generation.
 
         Written with ``context.write`` rather than ``yield`` so that each send has a deadline: a
@@ -140,9 +142,8 @@ class SafetyMonitorServicer:
             # leaves only its message pending and the status can still be queued behind it.
             await self._transport(context.send_initial_metadata(()))
             scorer = self._pipeline.open_stream()
-            async for item in self._items(request_iterator, "ScoreStream"):
-                chunk = require_message(item)
-                verdict = await self._run(self._update, scorer, _convert.chunk_input(chunk))
+            async for raw in self._items(request_iterator, "ScoreStream"):
+                verdict = await self._run(self._update_bytes, scorer, raw)
                 if verdict.final and self._audit is not None:
                     await _durable(self._audit.record("ScoreStream", verdict))
                 self._metrics.record_chunk(verdict)
@@ -153,34 +154,28 @@ class SafetyMonitorServicer:
                 await self._send(context, _convert.verdict(verdict), "ScoreStream")
 
     async def Ingest(
-        self, request_iterator: AsyncIterator[pb.ScoreRequest | Undecodable], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.IngestSummary:
         """Client-streaming: bulk items, scored in batches; the summary follows the last durable record."""
         async with self._rpc("Ingest", context):
             summary = pb.IngestSummary()
-            batch: list[ScoreInput | InvalidInput] = []
-            ids: list[str] = []
-            async for item in self._items(request_iterator, "Ingest"):
-                try:
-                    req = require_message(item)
-                    ids.append(req.request_id[:128])
-                    batch.append(_convert.score_input(req))
-                except InvalidInput as exc:
-                    ids.append("")
-                    batch.append(exc)
+            batch: list[bytes] = []
+            async for raw in self._items(request_iterator, "Ingest"):
+                batch.append(raw)
                 if len(batch) >= INGEST_BATCH:
-                    await self._ingest_batch(batch, ids, summary)
-                    batch, ids = [], []
+                    await self._ingest_batch(batch, summary)
+                    batch = []
             if batch:
-                await self._ingest_batch(batch, ids, summary)
+                await self._ingest_batch(batch, summary)
             return summary
 
     async def GetDetectors(
-        self, request: pb.GetDetectorsRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.DetectorCatalog:
         """Unary: what the loaded bundle expects."""
         async with self._rpc("GetDetectors", context):
-            require_message(request)
+            raw = await self._one(request_iterator, "GetDetectors")
+            await self._run(decode, pb.GetDetectorsRequest, raw, self._budget)
             return _convert.catalog(self._pipeline.bundle, self._pipeline.limits, self._pipeline.detectors)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -195,9 +190,10 @@ class SafetyMonitorServicer:
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                self._metrics.receive_timeouts.labels(rpc).inc()
                 raise _Refused(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"{rpc}: no message for {adm.stream_idle_seconds:g} s (stream_idle_seconds); stream closed",
+                    f"{rpc}: no complete message for {adm.stream_idle_seconds:g} s (stream_idle_seconds); call closed",
                     "idle",
                 ) from None
             count += 1
@@ -208,6 +204,12 @@ class SafetyMonitorServicer:
                     "too_many_chunks",
                 )
             yield item
+
+    async def _one(self, iterator: AsyncIterator[bytes], rpc: str) -> bytes:
+        """The one request of a unary call, read under the same clock as a stream's messages."""
+        async for raw in self._items(iterator, rpc):
+            return raw
+        raise InvalidInput("request", f"one {rpc} request message", "none (the client closed first)", reason="missing")
 
     async def _send(self, context: grpc.aio.ServicerContext, message: object, rpc: str) -> None:
         """Write one reply, or end the call when the client has read nothing for ``send_timeout_seconds``."""
@@ -228,18 +230,16 @@ class SafetyMonitorServicer:
         except ExecuteBatchError as exc:
             raise _ClientGone(str(exc)) from None
 
-    async def _ingest_batch(
-        self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
-    ) -> None:
+    async def _ingest_batch(self, batch: list[bytes], summary: pb.IngestSummary) -> None:
         start_index = summary.received
-        outcomes = await self._run(self._score_all, batch)
+        scored = await self._run(self._score_all, batch)
         pending: list[Future[None]] = []
-        for outcome in outcomes:
+        for _, _, outcome in scored:
             if self._audit is not None and isinstance(outcome, ScoreResult):
                 pending.append(self._audit.record("Ingest", outcome))
         for fut in pending:  # the summary acknowledges these: they must be on disk first
             await _durable(fut)
-        for offset, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        for offset, (request_id, item, outcome) in enumerate(scored):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
                 summary.rejected += 1
@@ -247,13 +247,13 @@ class SafetyMonitorServicer:
                 self._metrics.record_invalid("Ingest", outcome.reason)
                 self._rejections.warning(("Ingest", outcome.reason), "Ingest item rejected: %s", outcome)
                 if len(summary.errors) < MAX_INGEST_ERRORS:
-                    summary.errors.add(index=start_index + offset, request_id=ids[offset], message=str(outcome))
+                    summary.errors.add(index=start_index + offset, request_id=request_id, message=str(outcome))
             else:
                 summary.accepted += 1
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
                 self._metrics.record_score("Ingest", outcome)
-                assert isinstance(item, ScoreInput)
+                assert item is not None
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 
     # Drift is recorded here, after scoring, for every generation the server acknowledges.
@@ -261,20 +261,28 @@ class SafetyMonitorServicer:
         result = self._pipeline.score(item)
         return observe_drift(self._drift, result) if self._drift is not None else result
 
-    def _update(self, scorer: StreamScorer, chunk: ChunkInput) -> StreamVerdict:
-        verdict = scorer.update(chunk)
+    # The *_bytes methods run on the scoring pool: decoding a body costs what it declares, and the
+    # budget bounds that, but it must never stall the event loop (health checks, other calls).
+    def _score_bytes(self, raw: bytes) -> tuple[ScoreInput, ScoreResult]:
+        item = _convert.score_input(decode(pb.ScoreRequest, raw, self._budget))
+        return item, self._score(item)
+
+    def _update_bytes(self, scorer: StreamScorer, raw: bytes) -> StreamVerdict:
+        verdict = scorer.update(_convert.chunk_input(decode(pb.ScoreChunk, raw, self._budget)))
         return observe_drift(self._drift, verdict) if self._drift is not None else verdict
 
-    def _score_all(self, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
-        out: list[ScoreResult | InvalidInput] = []
-        for item in batch:
-            if isinstance(item, InvalidInput):
-                out.append(item)
-                continue
+    def _score_all(self, batch: list[bytes]) -> list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]]:
+        """(request id, input, result or rejection) per Ingest item; a bad item is rejected alone."""
+        out: list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]] = []
+        for raw in batch:
+            request_id, item = "", None
             try:
-                out.append(self._score(item))
+                req = decode(pb.ScoreRequest, raw, self._budget)
+                request_id = req.request_id[:128]
+                item = _convert.score_input(req)
+                out.append((request_id, item, self._score(item)))
             except InvalidInput as exc:
-                out.append(exc)
+                out.append((request_id, item, exc))
         return out
 
     def _offer(
@@ -374,21 +382,22 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 def add_to_server(servicer: SafetyMonitorServicer, server: grpc.aio.Server) -> None:
-    """Register the RPCs with deserializers that never raise (bad bytes -> INVALID_ARGUMENT)."""
-    table: dict[str, tuple[Callable[..., Any], Any, Any, Any]] = {
-        "Score": (grpc.unary_unary_rpc_method_handler, servicer.Score, pb.ScoreRequest, pb.ScoreResponse),
-        "ScoreStream": (grpc.stream_stream_rpc_method_handler, servicer.ScoreStream, pb.ScoreChunk, pb.Verdict),
-        "Ingest": (grpc.stream_unary_rpc_method_handler, servicer.Ingest, pb.ScoreRequest, pb.IngestSummary),
-        "GetDetectors": (
-            grpc.unary_unary_rpc_method_handler,
-            servicer.GetDetectors,
-            pb.GetDetectorsRequest,
-            pb.DetectorCatalog,
-        ),
+    """Register the RPCs.
+
+    Requests arrive as raw bytes (no deserializer: gRPC would run it on the event loop), and every
+    RPC is request-streaming, even the unary ones: gRPC then starts the handler at the call's first
+    byte, so admission applies before the body is buffered and an unfinished body times out
+    (``stream_idle_seconds``). On the wire a unary client cannot tell the difference.
+    """
+    table: dict[str, tuple[Callable[..., Any], Any, Any]] = {
+        "Score": (grpc.stream_unary_rpc_method_handler, servicer.Score, pb.ScoreResponse),
+        "ScoreStream": (grpc.stream_stream_rpc_method_handler, servicer.ScoreStream, pb.Verdict),
+        "Ingest": (grpc.stream_unary_rpc_method_handler, servicer.Ingest, pb.IngestSummary),
+        "GetDetectors": (grpc.stream_unary_rpc_method_handler, servicer.GetDetectors, pb.DetectorCatalog),
     }
     handlers = {
-        name: kind(method, request_deserializer=parser(request), response_serializer=response.SerializeToString)
-        for name, (kind, method, request, response) in table.items()
+        name: kind(method, request_deserializer=None, response_serializer=response.SerializeToString)
+        for name, (kind, method, response) in table.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
