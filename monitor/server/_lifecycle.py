@@ -91,6 +91,12 @@ class SidecarServer:
             # with the fixed 64 KiB window RSS stays flat and a 9 MiB Score got no slower
             # (53 vs 66 ms median on loopback, docs/reliability.md).
             ("grpc.http2.bdp_probe", 0),
+            # One connection cannot open more calls than the server would admit at once.
+            ("grpc.max_concurrent_streams", cfg.max_in_flight + cfg.max_streams),
+            # Ping idle connections: a vanished peer's connection, and any stream it left behind
+            # (a stream ended by send_timeout_seconds lingers in gRPC until then), is closed.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self.critique = await self._start_critique()
