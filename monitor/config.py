@@ -75,6 +75,10 @@ class ServerConfig(BaseSettings):
         The files are re-read when they change (new connections get the new certificate).
     tls_client_ca: PEM CA bundle: clients (gRPC and ``/metrics``) must present a certificate it
         signed (mutual TLS). Needs tls_cert and tls_key.
+    metrics_auth: when set, ``/metrics`` requires ``Authorization: Bearer <metrics_auth>`` (401
+        otherwise, counted). Unset, ``/metrics`` is open to whoever reaches metrics_host: it shows
+        counts, the model id and the bundle name, never request text or ids (``auth_token``
+        protects only gRPC, since Prometheus scrapers rarely send a token).
     critic_url: base URL of an OpenAI-compatible server to critique outputs with (None: no critiques).
     critic_model: model name sent to the critic.
     critique_mode: fast (one yes/no token per principle) or full (a parsed written critique).
@@ -122,6 +126,7 @@ class ServerConfig(BaseSettings):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    metrics_auth: str | None = None
     critic_url: str | None = None
     critic_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     critique_mode: Literal["fast", "full"] = "fast"

@@ -89,6 +89,12 @@ class MonitorMetrics:
             ["rpc"],
             registry=r,
         )
+        self.metrics_rejected = Counter(
+            f"{PREFIX}_metrics_rejected_total",
+            "/metrics connections refused or dropped, by reason (tls_handshake, unauthorized, connection, ...).",
+            ["reason"],
+            registry=r,
+        )
         self.invalid = Counter(
             f"{PREFIX}_invalid_inputs_total",
             "Requests or items rejected with INVALID_ARGUMENT, by reason.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from monitor import __version__
 from monitor._proto import monitor_pb2 as pb
@@ -27,8 +27,9 @@ from monitor.errors import ConfigError
 from monitor.metrics import MonitorMetrics
 from monitor.pipeline import DETECTOR_PREFIX, Limits, Pipeline
 from monitor.server._auth import BearerTokenInterceptor
+from monitor.server._metrics_http import MetricsServer
 from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
-from monitor.server._tls import TlsFiles, metrics_tls_kwargs, reload_metrics_context, server_credentials
+from monitor.server._tls import TlsFiles, metrics_context, server_credentials
 
 log = logging.getLogger("monitor.server")
 
@@ -71,7 +72,7 @@ class SidecarServer:
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
-        self._http: Any = None
+        self._http: MetricsServer | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -133,11 +134,13 @@ class SidecarServer:
             raise OSError(f"port: could not bind gRPC to {address}")
         self.metrics.build_info.labels(__version__, self.bundle.name, self.bundle.model).set(1)
         metrics_tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
-        self._http, _ = start_http_server(
+        self._http = MetricsServer(
+            cfg.metrics_host,
             cfg.metrics_port,
-            addr=cfg.metrics_host,
-            registry=self.metrics.registry,
-            **(metrics_tls_kwargs(metrics_tls) if metrics_tls is not None else {}),  # type: ignore[arg-type]
+            self.metrics.registry,
+            context=metrics_context(metrics_tls) if metrics_tls is not None else None,
+            token=cfg.metrics_auth,
+            on_reject=lambda reason: self.metrics.metrics_rejected.labels(reason).inc(),
         )
         self.metrics_port = int(self._http.server_port)
         if metrics_tls is not None:
@@ -168,8 +171,7 @@ class SidecarServer:
             await self._server.stop(grace)
             self._server = None
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
             self._http = None
         self._executor.shutdown(wait=True)
         if self.critique is not None:
@@ -245,11 +247,21 @@ class SidecarServer:
                 log.warning("drift_state: could not save to %s: %s", self.config.drift_state, exc)
 
     async def _watch_metrics_tls(self, files: TlsFiles, every: float = 2.0) -> None:
-        context = getattr(self._http.socket, "context", None) if self._http is not None else None
-        while context is not None:
+        """Give ``/metrics`` a fresh context when a certificate, key or client-CA file changes."""
+        while self._http is not None:
             await asyncio.sleep(every)
-            if files.changed():
-                reload_metrics_context(context, files)
+            if not files.changed():
+                continue
+            try:
+                context = metrics_context(files)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning(
+                    "tls: could not reload /metrics certificate %s: %s; keeping the previous one", files.cert, exc
+                )
+                continue
+            if self._http is not None:
+                self._http.set_context(context)
+                log.info("tls: reloaded /metrics certificate from %s", files.cert)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
