@@ -76,6 +76,9 @@ class ServerConfig(BaseSettings):
         to 256 sequences by default (1024 on large GPUs); a stream costs the sidecar a few KB.
     stream_idle_seconds: a stream that sends no message for this long is ended DEADLINE_EXCEEDED.
     max_stream_chunks: most messages in one ScoreStream or Ingest call (RESOURCE_EXHAUSTED past it).
+    send_timeout_seconds: a ScoreStream whose client reads no verdict for this long (the server is
+        blocked sending one) is ended and its slot freed (counted in
+        ``safety_monitor_send_timeouts_total``).
     max_tokens: largest token count of one activation block (one request or one stream chunk).
     max_stream_tokens: largest total token count of one ScoreStream.
     drain_seconds: on SIGTERM, how long in-flight RPCs may run before the server exits.
@@ -103,6 +106,10 @@ class ServerConfig(BaseSettings):
         The files are re-read when they change (new connections get the new certificate).
     tls_client_ca: PEM CA bundle: clients (gRPC and ``/metrics``) must present a certificate it
         signed (mutual TLS). Needs tls_cert and tls_key.
+    metrics_auth: when set, ``/metrics`` requires ``Authorization: Bearer <metrics_auth>`` (401
+        otherwise, counted). Unset, ``/metrics`` is open to whoever reaches metrics_host: it shows
+        counts, the model id and the bundle name, never request text or ids (``auth_token``
+        protects only gRPC, since Prometheus scrapers rarely send a token).
     critic_url: base URL of an OpenAI-compatible server to critique outputs with (None: no critiques).
     critic_model: model name sent to the critic.
     critique_mode: fast (one yes/no token per principle) or full (a parsed written critique).
@@ -130,6 +137,7 @@ class ServerConfig(BaseSettings):
     max_streams: Positive = 1024
     stream_idle_seconds: Annotated[float, Field(gt=0)] = 30.0
     max_stream_chunks: Positive = 16384
+    send_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     max_tokens: Positive = 8192
     max_stream_tokens: Positive = 65536
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0
@@ -150,6 +158,7 @@ class ServerConfig(BaseSettings):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    metrics_auth: str | None = None
     critic_url: str | None = None
     critic_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     critique_mode: Literal["fast", "full"] = "fast"

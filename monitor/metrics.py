@@ -77,6 +77,24 @@ class MonitorMetrics:
             ["rpc"],
             registry=r,
         )
+        self.send_timeouts = Counter(
+            f"{PREFIX}_send_timeouts_total",
+            "Streams ended because the client read no reply for send_timeout_seconds (a slow or stuck reader).",
+            ["rpc"],
+            registry=r,
+        )
+        self.receive_timeouts = Counter(
+            f"{PREFIX}_receive_timeouts_total",
+            "Calls ended: no complete message for stream_idle_seconds (a silent stream, an unfinished body).",
+            ["rpc"],
+            registry=r,
+        )
+        self.metrics_rejected = Counter(
+            f"{PREFIX}_metrics_rejected_total",
+            "/metrics connections refused or dropped, by reason (tls_handshake, unauthorized, connection, ...).",
+            ["reason"],
+            registry=r,
+        )
         self.invalid = Counter(
             f"{PREFIX}_invalid_inputs_total",
             "Requests or items rejected with INVALID_ARGUMENT, by reason.",

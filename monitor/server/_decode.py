@@ -17,8 +17,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from monitor.errors import InvalidInput
+from monitor.server._budget import Budget, check
 
-__all__ = ["Undecodable", "parser", "require_message"]
+__all__ = ["Undecodable", "decode", "parser", "require_message"]
 
 M = TypeVar("M", bound=Message)
 
@@ -47,6 +48,16 @@ def parser(cls: type[M]) -> Callable[[bytes], M | Undecodable]:
             return Undecodable(cls.DESCRIPTOR.full_name, field, problem or f"undecodable bytes ({exc})")
 
     return parse
+
+
+def decode(cls: type[M], data: bytes, budget: Budget) -> M:
+    """Bytes -> ``cls``: ``InvalidInput`` when the body declares more than ``budget`` allows (checked
+    before protobuf allocates anything) or cannot be parsed (naming the field it broke at).
+
+    The server calls this on its scoring threads, never on the event loop.
+    """
+    check(cls.DESCRIPTOR, data, budget)
+    return require_message(parser(cls)(data))
 
 
 def require_message(request: M | Undecodable) -> M:

@@ -1,7 +1,9 @@
 """The SafetyMonitor servicer: one thin method per RPC, named as in the proto.
 
-Each method converts the wire message, runs the pipeline on the scoring thread pool and
-converts the result back. ``_rpc`` is the one place that admits or sheds a call, maps errors to
+Each method hands the raw request bytes to the scoring thread pool, which bounds their declared
+work, parses, converts and scores them (never the event loop, which must keep answering health
+checks), and converts the result back. Every RPC is registered request-streaming, so a call is
+admitted, and its body timed, from its first byte. ``_rpc`` is the one place that admits or sheds a call, maps errors to
 status codes and records per-RPC metrics. Unary calls and streams draw on separate admission
 budgets, so idle or abandoned streams can never starve ``Score``. A reply that acknowledges a
 generation is sent only after its audit record is durable (``monitor.audit``).
@@ -12,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from monitor._proto import monitor_pb2 as pb
 from monitor.audit import AuditLog, AuditUnavailable
@@ -28,10 +31,11 @@ from monitor.detectors import DetectorResult
 from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.metrics import MonitorMetrics
-from monitor.pipeline import Pipeline, ScoreInput, ScoreResult
+from monitor.pipeline import Pipeline, ScoreInput, ScoreResult, StreamScorer, StreamVerdict
 from monitor.server import _convert
 from monitor.server._acknowledge import Acknowledger
-from monitor.server._decode import Undecodable, parser, require_message
+from monitor.server._budget import Budget
+from monitor.server._decode import decode
 from monitor.server._ratelog import RateLimitedLog
 
 log = logging.getLogger("monitor.server")
@@ -56,6 +60,7 @@ class Admission:
     max_streams: int = 1024
     stream_idle_seconds: float = 30.0
     max_stream_chunks: int = 16384
+    send_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -72,6 +77,18 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class _ClientGone(Exception):
+    """A reply could not be written: the client cancelled or its connection dropped."""
+
+
+class _SendTimeout(Exception):
+    """The client read no reply for ``send_timeout_seconds``.
+
+    No status can be sent either: gRPC queues it behind the blocked message, and ``abort`` then
+    waits as long as the client does. The call is ended like a cancelled one instead.
+    """
 
 
 class SafetyMonitorServicer:
@@ -97,29 +114,35 @@ class SafetyMonitorServicer:
         self._admission = admission
         self._active = {"unary": 0, "stream": 0}
         self._rejections = RateLimitedLog(log, interval=60.0)
+        self._budget = Budget(max_blocks=max(64, len(pipeline.bundle.hook_points)))
 
     # -- RPCs ---------------------------------------------------------------------------------
     async def Score(
-        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         """Unary: one finished generation."""
         async with self._rpc("Score", context):
-            req = require_message(request)
-            result = await self._run(self._pipeline.score, _convert.score_input(req))
+            raw = await self._one(request_iterator, "Score")
+            item, result = await self._run(self._score_bytes, raw)
             result = await self._acks.generation("Score", result)
             self._metrics.record_score("Score", result)
-            self._offer(result.request_id, req.prompt, req.output, result.flagged, result.detectors)
+            self._offer(result.request_id, item.prompt, item.output, result.flagged, result.detectors)
             return _convert.score_response(result)
 
-    async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreChunk | Undecodable], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Verdict]:
-        """Bidirectional: a verdict per chunk of a running generation."""
+    async def ScoreStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Bidirectional: a verdict per chunk of a running generation.
+
+        Written with ``context.write`` rather than ``yield`` so that each send has a deadline: a
+        client that stops reading blocks the send (HTTP/2 flow control), and a generator would hold
+        its stream slot for as long as the client liked.
+        """
         async with self._rpc("ScoreStream", context) as call:
+            # Headers go out on their own (they are not flow-controlled), so a send that times out
+            # leaves only its message pending and the status can still be queued behind it.
+            await self._transport(context.send_initial_metadata(()))
             scorer = self._pipeline.open_stream()
-            async for item in self._items(request_iterator, "ScoreStream"):
-                chunk = require_message(item)
-                verdict = await self._run(scorer.update, _convert.chunk_input(chunk))
+            async for raw in self._items(request_iterator, "ScoreStream"):
+                verdict = await self._run(self._update_bytes, scorer, raw)
                 if verdict.halted_now:
                     await self._acks.halt("ScoreStream", verdict)
                 if verdict.final:
@@ -129,37 +152,31 @@ class SafetyMonitorServicer:
                     flagged = any(d.fired for d in verdict.detectors)
                     self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged, verdict.detectors)
                 call.incomplete = not scorer.finished and scorer.chunks > 0
-                yield _convert.verdict(verdict)
+                await self._send(context, _convert.verdict(verdict), "ScoreStream")
 
     async def Ingest(
-        self, request_iterator: AsyncIterator[pb.ScoreRequest | Undecodable], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.IngestSummary:
         """Client-streaming: bulk items, scored in batches; the summary follows the last durable record."""
         async with self._rpc("Ingest", context):
             summary = pb.IngestSummary()
-            batch: list[ScoreInput | InvalidInput] = []
-            ids: list[str] = []
-            async for item in self._items(request_iterator, "Ingest"):
-                try:
-                    req = require_message(item)
-                    ids.append(req.request_id[:128])
-                    batch.append(_convert.score_input(req))
-                except InvalidInput as exc:
-                    ids.append("")
-                    batch.append(exc)
+            batch: list[bytes] = []
+            async for raw in self._items(request_iterator, "Ingest"):
+                batch.append(raw)
                 if len(batch) >= INGEST_BATCH:
-                    await self._ingest_batch(batch, ids, summary)
-                    batch, ids = [], []
+                    await self._ingest_batch(batch, summary)
+                    batch = []
             if batch:
-                await self._ingest_batch(batch, ids, summary)
+                await self._ingest_batch(batch, summary)
             return summary
 
     async def GetDetectors(
-        self, request: pb.GetDetectorsRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.DetectorCatalog:
         """Unary: what the loaded bundle expects."""
         async with self._rpc("GetDetectors", context):
-            require_message(request)
+            raw = await self._one(request_iterator, "GetDetectors")
+            await self._run(decode, pb.GetDetectorsRequest, raw, self._budget)
             return _convert.catalog(self._pipeline.bundle, self._pipeline.limits, self._pipeline.detectors)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -174,9 +191,10 @@ class SafetyMonitorServicer:
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                self._metrics.receive_timeouts.labels(rpc).inc()
                 raise _Refused(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"{rpc}: no message for {adm.stream_idle_seconds:g} s (stream_idle_seconds); stream closed",
+                    f"{rpc}: no complete message for {adm.stream_idle_seconds:g} s (stream_idle_seconds); call closed",
                     "idle",
                 ) from None
             count += 1
@@ -188,14 +206,37 @@ class SafetyMonitorServicer:
                 )
             yield item
 
-    async def _ingest_batch(
-        self, batch: list[ScoreInput | InvalidInput], ids: list[str], summary: pb.IngestSummary
-    ) -> None:
+    async def _one(self, iterator: AsyncIterator[bytes], rpc: str) -> bytes:
+        """The one request of a unary call, read under the same clock as a stream's messages."""
+        async for raw in self._items(iterator, rpc):
+            return raw
+        raise InvalidInput("request", f"one {rpc} request message", "none (the client closed first)", reason="missing")
+
+    async def _send(self, context: grpc.aio.ServicerContext, message: object, rpc: str) -> None:
+        """Write one reply, or end the call when the client has read nothing for ``send_timeout_seconds``."""
+        timeout = self._admission.send_timeout_seconds
+        try:
+            await self._transport(asyncio.wait_for(context.write(message), timeout))
+        except TimeoutError:
+            self._metrics.send_timeouts.labels(rpc).inc()
+            raise _SendTimeout(
+                f"{rpc}: the client read no reply for {timeout:g} s (send_timeout_seconds); stream closed"
+            ) from None
+
+    @staticmethod
+    async def _transport(op: Awaitable[None]) -> None:
+        """Await a send; a send the transport refuses means nobody is there to read it."""
+        try:
+            await op
+        except ExecuteBatchError as exc:
+            raise _ClientGone(str(exc)) from None
+
+    async def _ingest_batch(self, batch: list[bytes], summary: pb.IngestSummary) -> None:
         start_index = summary.received
         scored = await self._run(self._score_all, batch)
         # the summary acknowledges these: on disk (and counted in drift) first
-        outcomes = await self._acks.generations("Ingest", scored)
-        for offset, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        outcomes = await self._acks.generations("Ingest", [outcome for _, _, outcome in scored])
+        for offset, ((request_id, item, _), outcome) in enumerate(zip(scored, outcomes, strict=True)):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
                 summary.rejected += 1
@@ -203,25 +244,37 @@ class SafetyMonitorServicer:
                 self._metrics.record_invalid("Ingest", outcome.reason)
                 self._rejections.warning(("Ingest", outcome.reason), "Ingest item rejected: %s", outcome)
                 if len(summary.errors) < MAX_INGEST_ERRORS:
-                    summary.errors.add(index=start_index + offset, request_id=ids[offset], message=str(outcome))
+                    summary.errors.add(index=start_index + offset, request_id=request_id, message=str(outcome))
             else:
                 summary.accepted += 1
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
                 self._metrics.record_score("Ingest", outcome)
-                assert isinstance(item, ScoreInput)
+                assert item is not None
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 
-    def _score_all(self, batch: list[ScoreInput | InvalidInput]) -> list[ScoreResult | InvalidInput]:
-        out: list[ScoreResult | InvalidInput] = []
-        for item in batch:
-            if isinstance(item, InvalidInput):
-                out.append(item)
-                continue
+    # The *_bytes methods run on the scoring pool: decoding a body costs what it declares, and the
+    # budget bounds that, but it must never stall the event loop (health checks, other calls).
+    # Drift is recorded by the Acknowledger, once the audit record is on disk.
+    def _score_bytes(self, raw: bytes) -> tuple[ScoreInput, ScoreResult]:
+        item = _convert.score_input(decode(pb.ScoreRequest, raw, self._budget))
+        return item, self._pipeline.score(item)
+
+    def _update_bytes(self, scorer: StreamScorer, raw: bytes) -> StreamVerdict:
+        return scorer.update(_convert.chunk_input(decode(pb.ScoreChunk, raw, self._budget)))
+
+    def _score_all(self, batch: list[bytes]) -> list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]]:
+        """(request id, input, result or rejection) per Ingest item; a bad item is rejected alone."""
+        out: list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]] = []
+        for raw in batch:
+            request_id, item = "", None
             try:
-                out.append(self._pipeline.score(item))
+                req = decode(pb.ScoreRequest, raw, self._budget)
+                request_id = req.request_id[:128]
+                item = _convert.score_input(req)
+                out.append((request_id, item, self._pipeline.score(item)))
             except InvalidInput as exc:
-                out.append(exc)
+                out.append((request_id, item, exc))
         return out
 
     def _offer(
@@ -275,6 +328,15 @@ class SafetyMonitorServicer:
         except (asyncio.CancelledError, GeneratorExit):
             code = _ended_code(context, "CANCELLED")
             raise
+        except _ClientGone:
+            # No status can reach the client either: end the call the way gRPC ends a cancelled
+            # one (CancelledError is logged at debug level), never with a traceback per stream.
+            code = _ended_code(context, "CANCELLED")
+            raise asyncio.CancelledError() from None
+        except _SendTimeout as exc:
+            code = "DEADLINE_EXCEEDED"
+            self._rejections.warning((rpc, "send_timeout"), "%s", exc)
+            raise asyncio.CancelledError() from None
         except Exception as exc:  # the server must survive anything a request triggers
             if isinstance(exc, grpc.aio.AbortError):
                 code = _code_name(context)
@@ -308,21 +370,22 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 def add_to_server(servicer: SafetyMonitorServicer, server: grpc.aio.Server) -> None:
-    """Register the RPCs with deserializers that never raise (bad bytes -> INVALID_ARGUMENT)."""
-    table: dict[str, tuple[Callable[..., Any], Any, Any, Any]] = {
-        "Score": (grpc.unary_unary_rpc_method_handler, servicer.Score, pb.ScoreRequest, pb.ScoreResponse),
-        "ScoreStream": (grpc.stream_stream_rpc_method_handler, servicer.ScoreStream, pb.ScoreChunk, pb.Verdict),
-        "Ingest": (grpc.stream_unary_rpc_method_handler, servicer.Ingest, pb.ScoreRequest, pb.IngestSummary),
-        "GetDetectors": (
-            grpc.unary_unary_rpc_method_handler,
-            servicer.GetDetectors,
-            pb.GetDetectorsRequest,
-            pb.DetectorCatalog,
-        ),
+    """Register the RPCs.
+
+    Requests arrive as raw bytes (no deserializer: gRPC would run it on the event loop), and every
+    RPC is request-streaming, even the unary ones: gRPC then starts the handler at the call's first
+    byte, so admission applies before the body is buffered and an unfinished body times out
+    (``stream_idle_seconds``). On the wire a unary client cannot tell the difference.
+    """
+    table: dict[str, tuple[Callable[..., Any], Any, Any]] = {
+        "Score": (grpc.stream_unary_rpc_method_handler, servicer.Score, pb.ScoreResponse),
+        "ScoreStream": (grpc.stream_stream_rpc_method_handler, servicer.ScoreStream, pb.Verdict),
+        "Ingest": (grpc.stream_unary_rpc_method_handler, servicer.Ingest, pb.IngestSummary),
+        "GetDetectors": (grpc.stream_unary_rpc_method_handler, servicer.GetDetectors, pb.DetectorCatalog),
     }
     handlers = {
-        name: kind(method, request_deserializer=parser(request), response_serializer=response.SerializeToString)
-        for name, (kind, method, request, response) in table.items()
+        name: kind(method, request_deserializer=None, response_serializer=response.SerializeToString)
+        for name, (kind, method, response) in table.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

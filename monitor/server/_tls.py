@@ -2,8 +2,9 @@
 
 Certificates rotate (cert-manager, Vault): the sidecar must pick up a renewed certificate
 without a restart. gRPC asks ``_Reloader`` for a new configuration at each handshake (it answers
-None while the files are unchanged); the ``/metrics`` server's SSL context is reloaded in place by
-``reload_metrics_context``, which the lifecycle calls every few seconds.
+None while the files are unchanged); for ``/metrics`` the lifecycle builds a fresh context with
+``metrics_context`` every few seconds when a file changed, so a replaced client CA is the only
+one trusted, as on gRPC.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import grpc
 
 log = logging.getLogger("monitor.server")
 
-__all__ = ["TlsFiles", "metrics_tls_kwargs", "reload_metrics_context", "server_credentials"]
+__all__ = ["TlsFiles", "metrics_context", "server_credentials"]
 
 
 class TlsFiles:
@@ -79,21 +80,14 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
-def metrics_tls_kwargs(files: TlsFiles) -> dict[str, object]:
-    """Keyword arguments of ``prometheus_client.start_http_server`` for TLS (and client certs)."""
-    kw: dict[str, object] = {"certfile": str(files.cert), "keyfile": str(files.key)}
+def metrics_context(files: TlsFiles) -> ssl.SSLContext:
+    """A new server context for ``/metrics`` from the current files (client certs required with a CA).
+
+    Raises ``OSError`` / ``ssl.SSLError`` when a file cannot be read or parsed.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(files.cert), str(files.key))
     if files.client_ca is not None:
-        kw.update(client_cafile=str(files.client_ca), client_auth_required=True)
-    return kw
-
-
-def reload_metrics_context(context: ssl.SSLContext, files: TlsFiles) -> None:
-    """Load the current files into the ``/metrics`` server's context (new connections use them)."""
-    try:
-        context.load_cert_chain(str(files.cert), str(files.key))
-        if files.client_ca is not None:
-            context.load_verify_locations(cafile=str(files.client_ca))
-    except (OSError, ssl.SSLError) as exc:
-        log.warning("tls: could not reload /metrics certificate %s: %s", files.cert, exc)
-    else:
-        log.info("tls: reloaded /metrics certificate from %s", files.cert)
+        context.load_verify_locations(cafile=str(files.client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

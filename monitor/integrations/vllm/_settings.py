@@ -112,8 +112,8 @@ class AdapterSettings:
         """These settings as ``kv_connector_extra_config`` (what the engine ships to its workers).
 
         Without the token and the TLS paths: vLLM logs this config at start-up. Those travel in
-        the environment (``SAFETY_MONITOR_TOKEN``, ``SAFETY_MONITOR_TLS_*``), which vLLM's engine
-        and worker processes inherit (``export_secrets``)."""
+        the environment (``SAFETY_MONITOR_TOKEN``, ``SAFETY_MONITOR_TLS_CA`` and the other TLS
+        keys), which vLLM's engine and worker processes inherit (``export_secrets``)."""
         return {
             "sidecar": self.sidecar,
             "hook_points": list(self.hook_points),
