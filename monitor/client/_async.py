@@ -274,7 +274,11 @@ class AsyncScoreStream(_StreamChunks):
 
     async def _exchange(self, msg: pb.ScoreChunk, final: bool) -> pb.Verdict:
         try:
-            await self._call.write(msg)
+            try:
+                await self._call.write(msg)
+            except asyncio.InvalidStateError:  # the call already ended (e.g. the sidecar went away)
+                code, details = await self._call.code(), await self._call.details()
+                raise map_rpc_error(_Status(code, details or "the stream had ended")) from None
             resp = await self._call.read()
             if resp is grpc.aio.EOF:
                 code = await self._call.code()
