@@ -7,8 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from monitor.client import Catalog, Generation, MonitorClient
 from monitor.integrations.vllm._streams import SidecarStreams
@@ -168,53 +171,76 @@ def settled(streams: SidecarStreams) -> None:
     assert st.failed == sum(st.unmonitored.values()) and st.rows_dropped == sum(st.dropped.values())
 
 
+def serving_since(target: str, timeout: float = 120) -> float:
+    """When ``target`` began to serve, to ~20 ms: a fresh channel per probe, so no reconnect
+    backoff of the probe's own (``wait_serving``'s one channel can lag by seconds) delays it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                HealthStub(ch).Check(HealthCheckRequest(), timeout=0.5)
+                return time.monotonic()
+            except grpc.RpcError:
+                pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{target} never served")
+
+
 def test_requests_opened_after_a_sidecar_restart_are_monitored(tmp_path: Path) -> None:
-    """kill -9 mid-run, restart on the same port: every request opened once it serves again is
-    monitored (they wait for the reconnect instead of failing during the client's backoff)."""
+    """kill -9 mid-run, restart on the same port, traffic all along (a request every 0.1 s):
+    every request opened once it serves again is monitored. They wait for the reconnect
+    (bounded by ``open_timeout``) instead of failing during the client's reconnect backoff."""
     port = free_port()
     first = ServeProcess(port=port, log_path=tmp_path / "first.log").wait()
     second: ServeProcess | None = None
     streams = SidecarStreams(first.target, model=MODEL)
-    try:
-        for i in range(3):
-            one_request(streams, f"before-{i}", seed=i)
-        assert all(streams.verdict(f"before-{i}") is not None for i in range(3))
-        streams.open("cut", [1])  # running when the sidecar dies
-        streams.push({"cut": {HOOK: rows(1, 5)}})
-        time.sleep(0.7)  # its first chunk goes out (max_delay 0.5 s)
-        first.kill9()
-        streams.push({"cut": {HOOK: rows(1, 6)}})
-        streams.finish("cut", [1])
-        time.sleep(2.0)  # down long enough for the reconnect backoff to grow
-        second = ServeProcess(port=port, log_path=tmp_path / "second.log").wait()
-        serving = time.monotonic()
-        first_verdict: list[float] = []
-        waiter = threading.Thread(
-            target=lambda: (streams.verdict("after-0", timeout=30), first_verdict.append(time.monotonic() - serving))
-        )
-        waiter.start()
-        after: list[tuple[str, float]] = []
-        while time.monotonic() - serving < 2.0:
-            rid = f"after-{len(after)}"
-            after.append((rid, time.monotonic() - serving))
-            one_request(streams, rid, seed=len(after))
+    opened: list[tuple[str, float]] = []  # (request, when it was opened)
+    stop = threading.Event()
+
+    def engine() -> None:  # the engine keeps serving whatever the sidecar does
+        while not stop.is_set():
+            rid = f"r-{len(opened)}"
+            opened.append((rid, time.monotonic()))
+            one_request(streams, rid, seed=len(opened))
             time.sleep(0.1)
-        got = {rid: streams.verdict(rid, timeout=30) for rid, _ in after}
-        waiter.join(30)
+
+    driver = threading.Thread(target=engine)
+    try:
+        driver.start()
+        time.sleep(1.0)
+        first.kill9()
+        time.sleep(5.0)  # down (plus the restart's own ~3 s): the old 5 s reconnect backoff is reached
+        second = ServeProcess(port=port, log_path=tmp_path / "second.log")
+        serving = serving_since(second.target)
+        while not any(t >= serving for _, t in opened):
+            time.sleep(0.005)
+        first_after = next(rid for rid, t in opened if t >= serving)
+        assert streams.verdict(first_after, timeout=30) is not None
+        first_verdict = time.monotonic() - serving
+        time.sleep(2.0)
+        stop.set()
+        driver.join(10)
+        got = {rid: streams.verdict(rid, timeout=30) for rid, _ in opened}
+        after = [(rid, t - serving) for rid, t in opened if t >= serving]
         missed = [(rid, round(t, 2)) for rid, t in after if got[rid] is None]
+        down = [rid for rid, t in opened if t < serving and got[rid] is None]
         print(
-            f"\nrestart: {len(after) - len(missed)}/{len(after)} requests opened in the 2 s after serving monitored; "
-            f"the first one's final verdict {first_verdict[0]:.2f} s after serving"
+            f"\nrestart: {len(after) - len(missed)}/{len(after)} requests opened in the 2 s after serving "
+            f"monitored, the first one's final verdict {first_verdict:.2f} s after serving; "
+            f"{len(down)} of {len(opened) - len(after)} opened before it served unmonitored"
         )
         assert not missed, f"unmonitored after the sidecar served again: {missed}"
-        assert first_verdict[0] < 5  # goal 1 s (docs/vllm.md has the measured figure); generous here
-        assert streams.verdict("cut") is None  # its stream died with the sidecar: counted
+        assert first_verdict < 5  # goal 1 s (docs/vllm.md has the measured figure); generous here
+        assert down  # the ones running at the kill, and those opened while it was down for long
         st = streams.stats
-        assert st.unmonitored["sidecar_unavailable"] + st.unmonitored["stream_error"] >= 1
+        assert st.failed == len(down) and st.unmonitored["adapter_error"] == 0
         settled(streams)
     finally:
+        stop.set()
+        driver.join(10)
         streams.close()
-        first.kill9() if first.proc.poll() is None else None
+        if first.proc.poll() is None:
+            first.kill9()
         if second is not None:
             second.kill9()
 
