@@ -326,6 +326,7 @@ def test_a_stalled_sidecar_costs_the_request_its_send_deadline(tmp_path: Path) -
         streams.finish("s", [1])
         assert streams.verdict("s", timeout=10) is None
         waited = time.monotonic() - t0
+        print(f"\nstalled sidecar: request unmonitored {waited:.2f} s after its last push (send_timeout 1 s)")
         st = streams.stats
         assert st.unmonitored["send_deadline"] == 1 and st.dropped["stream_failed"] == 3 and st.rows_sent == 2
         assert waited < 8  # the deadline is 1 s; generous for a loaded machine
