@@ -264,6 +264,8 @@ def test_monitoring_starts_when_a_sidecar_that_was_down_at_start_serves() -> Non
         for i in range(2):
             one_request(streams, f"early-{i}", seed=i)
         assert streams.verdict("early-0", timeout=5) is None and streams.verdict("early-1", timeout=5) is None
+        streams.open("straddle", [1])  # still running when the catalog comes
+        streams.push({"straddle": {HOOK: rows(2, 7)}})
         time.sleep(1.0)  # a few failed fetches
         sidecar = ServerThread(config(port=port))
         serving = time.monotonic()
@@ -272,10 +274,14 @@ def test_monitoring_starts_when_a_sidecar_that_was_down_at_start_serves() -> Non
         assert catalogs == [MODEL] and streams.model == MODEL and streams.monitoring
         for i in range(2):
             one_request(streams, f"late-{i}", seed=i)
+        streams.open("straddle", [1])  # preempted and re-sent: unmonitored still (its first rows are gone)
+        streams.push({"straddle": {HOOK: rows(2, 8)}})
+        streams.finish("straddle", [1])
         assert all(streams.verdict(f"late-{i}") is not None for i in range(2))
+        assert streams.verdict("straddle") is None
         st = streams.stats
-        assert (st.requests, st.finished, st.unmonitored["sidecar_unavailable"]) == (4, 2, 2)
-        assert st.dropped["stream_failed"] == 6 and st.rows_sent == 6
+        assert (st.requests, st.finished, st.unmonitored["sidecar_unavailable"]) == (6, 2, 4)
+        assert st.dropped["stream_failed"] == 10 and st.rows_sent == 6
         settled(streams)
     finally:
         streams.close()

@@ -208,7 +208,7 @@ class SidecarStreams:
         self._stats = _Counters()
         # None: new requests are monitored; else the reason they are not (no catalog yet)
         self._off_reason: str | None = None
-        self._off: set[str] = set()  # requests opened while monitoring was off (engine thread, lock)
+        self._off: dict[str, str] = {}  # request -> why: opened while monitoring was off (under the lock)
         self._requests: dict[str, _Request] = {}  # monitored requests (streams thread)
         self._tasks: set[asyncio.Task[None]] = set()  # (streams thread)
         self._warn = _RateLimited()  # (streams thread)
@@ -229,10 +229,11 @@ class SidecarStreams:
         its first rows were never read in the catalog's shape."""
         with self._lock:
             self._stats.requests += 1
-            reason = self._off_reason
+            # opened again (preempted and resumed) after it was opened unmonitored: it stays so
+            reason = self._off.get(request_id, self._off_reason)
             if reason is not None:
                 self._stats.unmonitored[reason] += 1
-                self._off.add(request_id)
+                self._off[request_id] = reason
         if reason is None:
             self._loop.call_soon_threadsafe(self._open, request_id, list(prompt_ids), dict(labels or {}))
 
@@ -263,8 +264,7 @@ class SidecarStreams:
     def finish(self, request_id: str, token_ids: Sequence[int]) -> None:
         """The request is over; ``token_ids`` are its output tokens (for the output text)."""
         with self._done_cv:
-            if request_id in self._off:
-                self._off.discard(request_id)
+            if self._off.pop(request_id, None) is not None:
                 self._record_done(request_id, None)
                 return
         self._loop.call_soon_threadsafe(self._finish, request_id, list(token_ids))
