@@ -44,6 +44,7 @@ OTHER_COMPONENTS_ENV: dict[str, str] = {
             "MAX_QUEUED_ROWS",
             "CHUNK_TOKENS",
             "CONNECT_TIMEOUT",
+            "SEND_TIMEOUT",
             "TLS_CA",
             "TLS_CERT",
             "TLS_KEY",

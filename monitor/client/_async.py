@@ -14,7 +14,7 @@ import grpc
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
 from monitor.client import _wire
-from monitor.client._errors import RETRYABLE, map_rpc_error
+from monitor.client._errors import RETRYABLE, Unavailable, map_rpc_error
 from monitor.client._sync import _Counters, _DeliveryCounts, _StreamChunks
 from monitor.client._types import Catalog, ChunkVerdict, Generation, IngestReport, ScoreReply
 
@@ -34,6 +34,8 @@ class AsyncMonitorClient(_DeliveryCounts):
         batch_size: int = 32,
         max_backoff: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        send_timeout: float | None = None,
+        open_timeout: float = 2.0,
         tls: bool = False,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
@@ -41,8 +43,14 @@ class AsyncMonitorClient(_DeliveryCounts):
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError(f"queue_size and batch_size: expected >= 1, got {queue_size}, {batch_size}")
+        if (send_timeout is not None and send_timeout <= 0) or open_timeout < 0:
+            raise ValueError(f"send_timeout / open_timeout: expected > 0 / >= 0, got {send_timeout} / {open_timeout}")
         self.target = target
         self.timeout = timeout
+        # a stalled sidecar must not hold a stream forever: each chunk's verdict has a deadline
+        self.send_timeout = timeout if send_timeout is None else send_timeout
+        # a stream opened while the channel reconnects waits this long for it instead of failing at once
+        self.open_timeout = open_timeout
         self.max_backoff = max_backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = _wire.channel_options(max_message_bytes, max_backoff)
@@ -80,11 +88,17 @@ class AsyncMonitorClient(_DeliveryCounts):
             raise map_rpc_error(exc) from None
         return _wire.ingest_report(summary)
 
-    async def get_detectors(self) -> Catalog:
-        """What the sidecar's bundle expects (model, hook points, d_model, detectors)."""
+    async def get_detectors(self, *, timeout: float | None = None, wait_for_ready: bool = False) -> Catalog:
+        """What the sidecar's bundle expects (model, hook points, d_model, detectors).
+
+        ``wait_for_ready``: wait (up to ``timeout``) for a sidecar that is down or restarting
+        instead of failing at once, so the catalog arrives as soon as it serves."""
         try:
             resp = await self._stub.GetDetectors(
-                pb.GetDetectorsRequest(), timeout=self.timeout, metadata=self._metadata
+                pb.GetDetectorsRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self._metadata,
+                wait_for_ready=wait_for_ready,
             )
         except grpc.RpcError as exc:
             raise map_rpc_error(exc) from None
@@ -110,6 +124,21 @@ class AsyncMonitorClient(_DeliveryCounts):
             self._counters.add(dropped=1)
             return False
         self._counters.add(submitted=1)
+        return True
+
+    @property
+    def connected(self) -> bool:
+        """Whether the channel is READY now (does not try to connect)."""
+        return bool(self._channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the channel to be READY (connecting if idle); False on timeout."""
+        if self.connected:
+            return True
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
         return True
 
     @property
@@ -190,13 +219,19 @@ class _Status(grpc.RpcError):
 
 
 class AsyncScoreStream(_StreamChunks):
-    """One running generation on a ScoreStream call (asyncio)."""
+    """One running generation on a ScoreStream call (asyncio).
+
+    The call waits for a reconnecting channel (``wait_for_ready``), bounded by the client's
+    ``open_timeout`` on the first chunk; every chunk's verdict is bounded by ``send_timeout``.
+    On any failure the call is cancelled, so the sidecar frees its side of the stream at once.
+    """
 
     def __init__(
         self, client: AsyncMonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]
     ) -> None:
         super().__init__(request_id, model, prompt, labels)
-        self._call: Any = client._stub.ScoreStream(metadata=client._metadata)
+        self._client = client
+        self._call: Any = client._stub.ScoreStream(metadata=client._metadata, wait_for_ready=True)
 
     async def send(
         self,
@@ -206,25 +241,59 @@ class AsyncScoreStream(_StreamChunks):
         final: bool = False,
         projected: bool = False,
         decision: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> ChunkVerdict:
         """Send the new tokens' activations (hook point -> [new_tokens, d_model], or [new_tokens, K]
         pre-activations of the catalog's encoder slice with ``projected=True``); get the verdict.
-        ``decision``: hook point -> [1, width] at the last prompt-template token (once per stream)."""
-        msg = self._next_chunk(activations, text_delta, final, projected, decision)
+        ``decision``: hook point -> [1, width] at the last prompt-template token (once per stream).
+        Raises ``Unavailable`` (code ``DEADLINE_EXCEEDED``) when no verdict came within ``timeout``
+        (default: the client's ``send_timeout``), ``UNAVAILABLE`` when the sidecar was unreachable."""
         try:
-            await self._call.write(msg)
-            resp = await self._call.read()
-        except grpc.RpcError as exc:
-            self._closed = True
-            raise map_rpc_error(exc) from None
-        if resp is grpc.aio.EOF:
-            self._closed = True
-            code = await self._call.code()
-            details = await self._call.details()
-            raise map_rpc_error(_Status(code, details or "server ended the stream"))
-        if final:
-            await self.close()
+            msg = self._next_chunk(activations, text_delta, final, projected, decision)
+        except BaseException:
+            self.cancel()  # e.g. an array the wire cannot carry: the call must not linger
+            raise
+        client = self._client
+        if self._sent == 1 and not await client.wait_connected(client.open_timeout):
+            self.cancel()
+            raise Unavailable(
+                f"UNAVAILABLE: sidecar {client.target} not reachable within {client.open_timeout:.1f} s", "UNAVAILABLE"
+            )
+        limit = client.send_timeout if timeout is None else timeout
+        try:
+            resp = await asyncio.wait_for(self._exchange(msg, final), limit)
+        except TimeoutError:
+            self.cancel()
+            if not client.connected:
+                raise Unavailable(f"UNAVAILABLE: sidecar {client.target} went away", "UNAVAILABLE") from None
+            raise Unavailable(f"DEADLINE_EXCEEDED: no verdict within {limit:.1f} s", "DEADLINE_EXCEEDED") from None
+        except BaseException:
+            self.cancel()
+            raise
         return _wire.chunk_verdict(resp)
+
+    async def _exchange(self, msg: pb.ScoreChunk, final: bool) -> pb.Verdict:
+        try:
+            try:
+                await self._call.write(msg)
+            except asyncio.InvalidStateError:  # the call already ended (e.g. the sidecar went away)
+                code, details = await self._call.code(), await self._call.details()
+                raise map_rpc_error(_Status(code, details or "the stream had ended")) from None
+            resp = await self._call.read()
+            if resp is grpc.aio.EOF:
+                code = await self._call.code()
+                details = await self._call.details()
+                raise map_rpc_error(_Status(code, details or "server ended the stream"))
+            if final:
+                await self.close()
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc) from None
+        return resp
+
+    def cancel(self) -> None:
+        """Abandon the stream (no verdict comes); a no-op once it has ended."""
+        self._closed = True
+        self._call.cancel()
 
     async def close(self) -> None:
         """End the request stream."""

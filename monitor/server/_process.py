@@ -45,8 +45,11 @@ def wait_serving(target: str, timeout: float = 60, credentials: grpc.ChannelCred
 class SidecarProcess:
     """``python -m monitor serve`` on free loopback ports, with extra flags and environment."""
 
-    def __init__(self, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+    def __init__(
+        self, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        # ``port``: a fixed one, e.g. to restart a killed sidecar where its clients expect it
+        self.port, self.metrics_port = port or free_port(), free_port()
         cmd = [sys.executable, "-m", "monitor", "serve", "--port", str(self.port)]
         cmd += ["--metrics-port", str(self.metrics_port), *args]
         self.log_path = log_path

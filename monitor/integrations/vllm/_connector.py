@@ -41,10 +41,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from monitor.architectures import check_hidden_size
+from monitor.client import Catalog
 from monitor.integrations.vllm import _patches
 from monitor.integrations.vllm._metadata import HaltReport, StepMetadata
 from monitor.integrations.vllm._scheduler import MonitorScheduler, refused_mode
-from monitor.integrations.vllm._settings import AdapterSettings, check_engine_model, wait_for_catalog
+from monitor.integrations.vllm._settings import AdapterSettings, check_engine_model
 from monitor.integrations.vllm._stats import MonitorPromMetrics, MonitorStats
 from monitor.integrations.vllm._streams import SidecarStreams
 from monitor.integrations.vllm._worker import MonitorWorker
@@ -147,6 +148,9 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
             self._start_streams(self.worker)
 
     def _start_streams(self, worker: MonitorWorker) -> None:
+        """Start streaming without waiting for the sidecar: vLLM starts even when it is down, and
+        monitoring comes on (``_use_catalog``) once its catalog arrives; requests opened before
+        are counted unmonitored (``sidecar_unavailable``)."""
         s = self.settings
         tokenizer = _load_tokenizer(self._vllm_config)
         streams = SidecarStreams(
@@ -158,11 +162,17 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
             projected=s.projected,
             max_queued_rows=s.max_queued_rows,
             chunk_tokens=s.chunk_tokens,
+            send_timeout=s.send_timeout,
             on_halt=worker.on_halt,
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
         )
-        catalog = wait_for_catalog(lambda t: streams.catalog(timeout=t), s.sidecar, s.connect_timeout)
-        streams.model = catalog.model
+        worker.streams = streams
+        streams.start_catalog(lambda catalog: self._use_catalog(worker, catalog))
+
+    def _use_catalog(self, worker: MonitorWorker, catalog: Catalog) -> None:
+        """On the streams' thread, once the sidecar answered: check it, load the encoder slices.
+        Raising keeps monitoring off (logged, counted ``monitoring_off``); vLLM serves on."""
+        s = self.settings
         by_name = {hp.name: hp for hp in catalog.hook_points}
         missing = [hp for hp in s.hook_points if hp not in by_name]
         if missing:
@@ -177,8 +187,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
                     raise ValueError(f"projected: the sidecar has no encoder slice for {hp}; set projected=false")
                 dev = worker.kv.device if worker.kv is not None else torch.device("cpu")
                 slices.append((torch.as_tensor(sl.w_enc, device=dev), torch.as_tensor(sl.b_enc, device=dev)))
-            worker.slices = slices
-        worker.streams = streams
+            worker.slices = slices  # set before monitoring turns on: no monitored request sees it unset
         log.info(
             "safety monitor: streaming %s to %s (model %s, %s)",
             ", ".join(s.hook_points),

@@ -55,7 +55,8 @@ class AdapterSettings:
     halt: bool = True  # abort a request in the engine when the sidecar advises HALT
     max_queued_rows: int = 65536  # rows waiting for the network, all requests together; more are dropped
     chunk_tokens: int = 16  # rows per ScoreStream chunk (HALT advice is at most one chunk late)
-    connect_timeout: float = 30.0  # how long start-up waits for the sidecar's catalog
+    connect_timeout: float = 30.0  # how long resolve_settings waits for the catalog (hook points not given)
+    send_timeout: float = 5.0  # a chunk without a verdict this long leaves its request unmonitored
     tls_ca: str | None = None  # PEM CA of a TLS sidecar (with tls_cert/tls_key: mutual TLS)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -88,8 +89,13 @@ class AdapterSettings:
             max_rows = int(get("max_queued_rows", 65536))
             chunk = int(get("chunk_tokens", 16))
             timeout = float(get("connect_timeout", 30.0))
+            send_timeout = float(get("send_timeout", 5.0))
         except ValueError as exc:
-            raise ValueError(f"max_queued_rows / chunk_tokens / connect_timeout: expected numbers ({exc})") from None
+            raise ValueError(
+                f"max_queued_rows / chunk_tokens / connect_timeout / send_timeout: expected numbers ({exc})"
+            ) from None
+        if send_timeout <= 0:
+            raise ValueError(f"send_timeout: expected > 0 seconds, got {send_timeout}")
         if max_rows < 1:
             raise ValueError(f"max_queued_rows: expected >= 1, got {max_rows}")
         if chunk < 1:
@@ -103,6 +109,7 @@ class AdapterSettings:
             max_queued_rows=max_rows,
             chunk_tokens=chunk,
             connect_timeout=timeout,
+            send_timeout=send_timeout,
             tls_ca=get("tls_ca") or None,
             tls_cert=get("tls_cert") or None,
             tls_key=get("tls_key") or None,
@@ -122,6 +129,7 @@ class AdapterSettings:
             "max_queued_rows": self.max_queued_rows,
             "chunk_tokens": self.chunk_tokens,
             "connect_timeout": self.connect_timeout,
+            "send_timeout": self.send_timeout,
         }
 
     def export_secrets(self, env: Any = None) -> None:

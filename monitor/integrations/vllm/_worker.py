@@ -115,8 +115,9 @@ class MonitorWorker:
         # The index from a pinned host tensor: no synchronous host-to-device copy on the step.
         idx = torch.tensor(slots, dtype=torch.long, pin_memory=cuda).to(device, non_blocking=cuda)
         rows = self.kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
-        if self.slices is not None:
-            rows = torch.stack([rows[:, j, :].to(torch.float32) @ w + b for j, (w, b) in enumerate(self.slices)], dim=1)
+        slices = self.slices  # read once per step: the streams' thread sets it when the catalog comes
+        if slices is not None:
+            rows = torch.stack([rows[:, j, :].to(torch.float32) @ w + b for j, (w, b) in enumerate(slices)], dim=1)
         rows = rows.to(torch.float32)
         if not cuda:
             return _Copy(rows, spans)
