@@ -25,9 +25,10 @@ from monitor.reference import ChatRequest, ReferenceServer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_sidecar(port: int) -> subprocess.Popen[bytes]:
+def start_sidecar(port: int, audit_log: Path | None = None) -> subprocess.Popen[bytes]:
+    extra = ["--audit-log", str(audit_log)] if audit_log is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "serve", "--port", str(port), "--metrics-port", "0"],
+        [sys.executable, "-m", "monitor", "serve", "--port", str(port), "--metrics-port", "0", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

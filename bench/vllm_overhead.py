@@ -59,6 +59,15 @@ def run_mode(python: Path, work: Path, prompts: Path, sidecar: str | None, ns: a
     return [r["output_tokens"] / r["seconds"] for r in runs]
 
 
+def audited(path: Path) -> int:
+    """ScoreStream verdicts in the sidecar's audit log so far (one per monitored request)."""
+    if not path.is_file():
+        return 0
+    return sum(
+        '"rpc": "ScoreStream"' in line and '"type": "halt"' not in line for line in path.read_text().splitlines()
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
@@ -74,14 +83,25 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     prompts = work / "prompts.json"
     prompts.write_text(json.dumps(prompts_src))
-    sidecar = start_sidecar(ns.port)
+    audit = work / "audit.jsonl"
+    sidecar = start_sidecar(ns.port, audit)
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    coverage: list[float] = []
     try:
         for r in range(ns.rounds):
             for mode in ("off", "on"):
+                before = audited(audit)
                 got = run_mode(python, work, prompts, f"127.0.0.1:{ns.port}" if mode == "on" else None, ns)
                 rates[mode] += got
-                print(f"round {r + 1} {mode:>3}: " + ", ".join(f"{x:.1f}" for x in got) + " tok/s", flush=True)
+                line = f"round {r + 1} {mode:>3}: " + ", ".join(f"{x:.1f}" for x in got) + " tok/s"
+                if mode == "on":  # every request of the run (warm-up + repeats) must have its verdict
+                    deadline = time.monotonic() + 30
+                    want = (1 + ns.repeats) * len(prompts_src)
+                    while audited(audit) - before < want and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    coverage.append((audited(audit) - before) / want)
+                    line += f"; {audited(audit) - before} of {want} requests have a verdict"
+                print(line, flush=True)
     finally:
         sidecar.terminate()
         sidecar.wait(30)
@@ -91,7 +111,8 @@ def main() -> int:
     print(f"| mode | output tok/s (median of {len(rates['off'])}) |\n|---|---|")
     print(f"| off (no plugin) | {off:.1f} |\n| on (adapter, projected) | {on:.1f} |")
     print(f"on / off = {on / off:.3f}")
-    return 0
+    print(f"monitoring coverage in the 'on' runs: {min(coverage):.1%} (lowest run)")
+    return 0 if min(coverage) == 1.0 else 1
 
 
 if __name__ == "__main__":
