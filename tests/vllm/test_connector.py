@@ -228,21 +228,7 @@ def test_halt_check_stops_the_marked_request_through_the_schedulers_own_method()
     _patches.check_halt_takes_effect()
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    out: list[int] = []
-    req = SimpleNamespace(
-        request_id="other",
-        pooling_params=None,
-        sampling_params=SimpleNamespace(
-            eos_token_id=None, stop_token_ids=None, min_tokens=0, repetition_detection=None
-        ),
-        output_token_ids=out,
-        append_output_token_ids=out.append,
-        num_tokens=2,
-        num_output_tokens=1,
-        max_tokens=100,
-        status=None,
-        stop_reason=None,
-    )
+    req = _patches.stand_in_request("other")
     _, stopped = Scheduler._update_request_with_output(SimpleNamespace(max_model_len=100), req, [3])
     assert not stopped and req.stop_reason is None
     marks["other"] = "harmful_compliance"

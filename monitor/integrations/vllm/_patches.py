@@ -96,9 +96,25 @@ def check_halt_takes_effect() -> None:
     if marks is None:
         raise RuntimeError("check_stop: the halt check is not installed")
     rid = "safety-monitor-self-test"
+    req = stand_in_request(rid)
+    marks[rid] = "self-test"
+    try:
+        _, stopped = Scheduler._update_request_with_output(SimpleNamespace(max_model_len=1 << 20), req, [7])
+    finally:
+        marks.pop(rid, None)
+    if not stopped or req.stop_reason != HALT_STOP_REASON:
+        raise RuntimeError(
+            "check_stop: the scheduler no longer stops a halted request through the patched check "
+            "(Scheduler._update_request_with_output does not call vllm.v1.core.sched.scheduler.check_stop)"
+        )
+
+
+def stand_in_request(request_id: str) -> Any:
+    """What ``check_stop`` reads of a request, for a generation that would go on (no stop token,
+    no length limit): only a halt mark can stop it."""
     out: list[int] = []
-    req = SimpleNamespace(
-        request_id=rid,
+    return SimpleNamespace(
+        request_id=request_id,
         pooling_params=None,
         sampling_params=SimpleNamespace(
             eos_token_id=None, stop_token_ids=None, min_tokens=0, repetition_detection=None
@@ -111,16 +127,6 @@ def check_halt_takes_effect() -> None:
         status=None,
         stop_reason=None,
     )
-    marks[rid] = "self-test"
-    try:
-        _, stopped = Scheduler._update_request_with_output(SimpleNamespace(max_model_len=1 << 20), req, [7])
-    finally:
-        marks.pop(rid, None)
-    if not stopped or req.stop_reason != HALT_STOP_REASON:
-        raise RuntimeError(
-            "check_stop: the scheduler no longer stops a halted request through the patched check "
-            "(Scheduler._update_request_with_output does not call vllm.v1.core.sched.scheduler.check_stop)"
-        )
 
 
 # -- the pseudo-draft of extract_hidden_states (model runner V1) --------------------------------
