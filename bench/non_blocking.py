@@ -53,7 +53,7 @@ def submit_seconds(target: str) -> float:
 
 def push_seconds(target: str) -> float:
     row = np.random.default_rng(0).normal(size=(1, D_MODEL)).astype(np.float32)
-    streams = SidecarStreams(target, model=MODEL)
+    streams = SidecarStreams(target, model=MODEL, keep_verdicts=4096)
     try:
         streams.open("x", [])
         t0 = time.perf_counter()

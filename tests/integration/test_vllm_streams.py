@@ -33,7 +33,9 @@ def rows(n: int, seed: int) -> np.ndarray:
 
 
 def test_rows_pushed_per_step_give_the_verdict_of_one_score(sidecar: ServerThread) -> None:
-    streams = SidecarStreams(sidecar.target, model=MODEL, decode=lambda ids: " ".join(map(str, ids)))
+    streams = SidecarStreams(
+        sidecar.target, model=MODEL, decode=lambda ids: " ".join(map(str, ids)), keep_verdicts=4096
+    )
     try:
         a, b = rows(7, 1), rows(5, 2)
         streams.open("r-a", [1, 2, 3])
@@ -61,7 +63,7 @@ def test_rows_pushed_per_step_give_the_verdict_of_one_score(sidecar: ServerThrea
 
 
 def test_rows_over_the_queue_bound_are_dropped_and_counted(sidecar: ServerThread) -> None:
-    streams = SidecarStreams(sidecar.target, model=MODEL, max_queued_rows=10)
+    streams = SidecarStreams(sidecar.target, model=MODEL, max_queued_rows=10, keep_verdicts=4096)
     try:
         streams.open("a", [])
         streams.open("b", [])
@@ -78,7 +80,7 @@ def test_rows_over_the_queue_bound_are_dropped_and_counted(sidecar: ServerThread
 
 
 def test_a_sidecar_that_is_down_costs_the_engine_nothing(tmp_path: Path) -> None:
-    streams = SidecarStreams(f"127.0.0.1:{free_port()}", model=MODEL)
+    streams = SidecarStreams(f"127.0.0.1:{free_port()}", model=MODEL, keep_verdicts=4096)
     try:
         streams.open("x", [])
         for _ in range(200):  # each push is a lock and a hand-off (timed in bench/non_blocking.py)
@@ -101,7 +103,7 @@ def test_halt_advice_is_reported_once(tmp_path: Path) -> None:
         halts.append((rid, reason))
         got.set()
 
-    streams = SidecarStreams(sidecar.target, model=MODEL, on_halt=on_halt)
+    streams = SidecarStreams(sidecar.target, model=MODEL, on_halt=on_halt, keep_verdicts=4096)
     try:
         streams.open("h", [])
         streams.push({}, {"h": {HOOK: rows(1, 99)}})  # the decision row the critical deception detector reads
@@ -125,7 +127,7 @@ def test_bad_queue_bound_is_refused(n: int) -> None:
 
 
 def test_the_decision_row_is_sent_once_and_read_by_the_decision_detectors(sidecar: ServerThread) -> None:
-    streams = SidecarStreams(sidecar.target, model=MODEL)
+    streams = SidecarStreams(sidecar.target, model=MODEL, keep_verdicts=4096)
     try:
         dec, x = rows(1, 7) * 3, rows(6, 8)
         streams.open("d", [1, 2, 3])
@@ -190,7 +192,7 @@ def test_requests_opened_after_a_sidecar_restart_are_monitored(tmp_path: Path) -
     port = free_port()
     first = ServeProcess(port=port, log_path=tmp_path / "first.log").wait()
     second: ServeProcess | None = None
-    streams = SidecarStreams(first.target, model=MODEL)
+    streams = SidecarStreams(first.target, model=MODEL, keep_verdicts=4096)
     opened: list[tuple[str, float]] = []  # (request, when it was opened)
     stop = threading.Event()
 
@@ -246,7 +248,7 @@ def test_monitoring_starts_when_a_sidecar_that_was_down_at_start_serves() -> Non
     """The engine starts before the sidecar: requests until the catalog arrives are unmonitored
     (counted, rows dropped and counted), later ones are monitored; nothing raises meanwhile."""
     port = free_port()
-    streams = SidecarStreams(f"127.0.0.1:{port}")
+    streams = SidecarStreams(f"127.0.0.1:{port}", keep_verdicts=4096)
     arrived = threading.Event()
     catalogs: list[str] = []
 
@@ -290,7 +292,7 @@ def test_an_unexpected_error_in_one_stream_is_counted_and_releases_its_rows(side
     """Rows of two widths in one chunk make numpy raise ValueError (not a ClientError) while the
     chunk is merged: that request is unmonitored (adapter_error), its rows released; the other
     request is not affected."""
-    streams = SidecarStreams(sidecar.target, model=MODEL)
+    streams = SidecarStreams(sidecar.target, model=MODEL, keep_verdicts=4096)
     try:
         streams.open("bad", [1])
         streams.open("ok", [1])
@@ -315,7 +317,7 @@ def test_a_stalled_sidecar_costs_the_request_its_send_deadline(tmp_path: Path) -
     is unmonitored (send_deadline) and its rows released; once the sidecar runs again, new
     requests are monitored."""
     proc = ServeProcess(log_path=tmp_path / "sidecar.log").wait()
-    streams = SidecarStreams(proc.target, model=MODEL, send_timeout=1.0, max_delay=0.1)
+    streams = SidecarStreams(proc.target, model=MODEL, send_timeout=1.0, max_delay=0.1, keep_verdicts=4096)
     try:
         streams.open("s", [1])
         streams.push({"s": {HOOK: rows(2, 1)}})
@@ -348,7 +350,7 @@ def test_200_aborted_requests_leave_no_state(tmp_path: Path) -> None:
     decision row, mid-stream, some opened twice as a preempted request is under MRV2): nothing
     stays in the adapter, nor a stream in the sidecar."""
     sidecar = ServerThread(config(max_streams=256))
-    streams = SidecarStreams(sidecar.target, model=MODEL, chunk_tokens=2, max_delay=0.05)
+    streams = SidecarStreams(sidecar.target, model=MODEL, chunk_tokens=2, max_delay=0.05, keep_verdicts=4096)
     rng = np.random.default_rng(0)
     try:
         # continuous batching: 4 new requests join each step; each is aborted after k steps

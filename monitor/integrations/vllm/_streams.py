@@ -180,6 +180,7 @@ class SidecarStreams:
         on_halt: Callable[[str, str], None] | None = None,
         decode: Decode | None = None,
         labels: Mapping[str, str] | None = None,
+        keep_verdicts: int = 0,
     ) -> None:
         if max_queued_rows < 1:
             raise ValueError(f"max_queued_rows: expected >= 1, got {max_queued_rows}")
@@ -213,6 +214,7 @@ class SidecarStreams:
         self._requests: dict[str, _Request] = {}  # monitored requests (streams thread)
         self._tasks: set[asyncio.Task[None]] = set()  # (streams thread)
         self._warn = _RateLimited()  # (streams thread)
+        self._keep_verdicts = keep_verdicts
         self._done: dict[str, ChunkVerdict | None] = {}
         self._done_cv = threading.Condition(self._lock)
         self._loop = asyncio.new_event_loop()
@@ -312,7 +314,12 @@ class SidecarStreams:
         self._loop.call_soon_threadsafe(self._spawn, self._fetch_catalog(on_catalog, retry_every))
 
     def verdict(self, request_id: str, timeout: float = 30.0) -> ChunkVerdict | None:
-        """The final verdict of a finished request (None when it was unmonitored, or on timeout)."""
+        """The final verdict of a finished request (None when it was unmonitored, or on timeout).
+
+        Only with ``keep_verdicts > 0``: the engine never reads verdicts back (the sidecar's audit
+        log has them), so by default none is kept."""
+        if self._keep_verdicts <= 0:
+            raise ValueError("verdict(): this SidecarStreams keeps no verdicts (construct it with keep_verdicts > 0)")
         deadline = time.monotonic() + timeout
         with self._done_cv:
             while request_id not in self._done:
@@ -425,10 +432,12 @@ class SidecarStreams:
                 self._stats.dropped[dropped] += n
 
     def _record_done(self, request_id: str, verdict: ChunkVerdict | None) -> None:
-        """Keep the final verdict for ``verdict()`` (caller holds the lock)."""
+        """Keep the final verdict for ``verdict()`` when asked to (caller holds the lock)."""
+        if self._keep_verdicts <= 0:
+            return
         self._done[request_id] = verdict
-        if len(self._done) > 4096:  # bounded: keep the most recent verdicts
-            for key in list(self._done)[:1024]:
+        if len(self._done) > self._keep_verdicts:  # bounded: keep the most recent verdicts
+            for key in list(self._done)[: max(1, self._keep_verdicts // 4)]:
                 del self._done[key]
         self._done_cv.notify_all()
 
