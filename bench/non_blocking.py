@@ -26,9 +26,9 @@ import numpy as np
 from monitor.client import Generation, MonitorClient
 from monitor.config import ServerConfig
 from monitor.critique import ChatReply, Critic, CritiqueEvent, CritiqueService
+from monitor.harness.sidecar import free_port
 from monitor.integrations.vllm._streams import SidecarStreams
 from monitor.server import BackgroundSidecar
-from monitor.server._process import free_port
 
 HOOK, MODEL, D_MODEL = "blocks.16.hook_resid_post", "HuggingFaceTB/SmolLM2-135M-Instruct", 576
 

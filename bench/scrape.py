@@ -26,8 +26,8 @@ import numpy as np
 
 from monitor._proto import monitor_pb2 as pb
 from monitor._proto import monitor_pb2_grpc as pb_grpc
+from monitor.harness.sidecar import free_port
 from monitor.server import SidecarProcess
-from monitor.server._process import free_port
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HOOK = "blocks.16.hook_resid_post"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from overhead import start_sidecar  # noqa: E402
 
-from monitor.integrations.vllm._process import find_vllm_python, vllm_env  # noqa: E402
+from monitor.harness.vllm import find_vllm_python, vllm_env  # noqa: E402
 from monitor.models import default_model_cache, load_default_model  # noqa: E402
 
 

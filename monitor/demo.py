@@ -275,7 +275,7 @@ def _start_vllm(ns: argparse.Namespace, sidecar: BackgroundSidecar, model_id: st
     """``vllm serve`` from vLLM's environment with the adapter on (only SAFETY_MONITOR_SIDECAR set)."""
     import socket
 
-    from monitor.integrations.vllm._process import VllmServer
+    from monitor.harness.vllm import VllmServer
     from monitor.models import default_model_cache
 
     port = ns.http_port

@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import ServerConfig
 from monitor.detectors import default_bundle_path
-from monitor.integrations.vllm._process import find_vllm_python
+from monitor.harness.sidecar import free_port as free_port
+from monitor.harness.sidecar import wait_serving as wait_serving
+from monitor.harness.vllm import find_vllm_python
 from monitor.server import BackgroundSidecar
 from monitor.server import SidecarProcess as ServeProcess  # noqa: F401 (re-exported for tests)
-from monitor.server._process import free_port as free_port
-from monitor.server._process import wait_serving as wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -202,7 +202,7 @@ def _answers(
 
 def _run_vllm(cfg: BuildConfig, pre: Preflight, work: Path) -> None:
     """``<vllm python> -m monitor.answers --engine vllm`` on the pending prompts, in vLLM's own environment."""
-    from monitor.integrations.vllm._process import vllm_env
+    from monitor.harness.vllm import vllm_env
     from monitor.models import DEFAULT_MODEL_ID, default_model_cache, is_converted
 
     source = cfg.model

@@ -78,7 +78,7 @@ def preflight(cfg: BuildConfig) -> Preflight:
 
 def _engine(cfg: BuildConfig) -> tuple[str, Path | None]:
     """``hf`` or ``vllm`` (``auto``: vLLM when its interpreter exists, else HF in-process)."""
-    from monitor.integrations.vllm._process import find_vllm_python
+    from monitor.harness.vllm import find_vllm_python
 
     if cfg.engine not in ("auto", "hf", "vllm"):
         raise BuildError(f"--engine: expected auto, hf or vllm, got {cfg.engine!r}")

@@ -5,7 +5,7 @@ behind ``monitor serve`` (SIGTERM drains in-flight RPCs, then exits 0); ``Sideca
 runs ``monitor serve`` as a child process (benches, crash tests).
 """
 
+from monitor.harness.sidecar import SidecarProcess
 from monitor.server._lifecycle import SERVICE_NAME, BackgroundSidecar, SidecarServer, serve
-from monitor.server._process import SidecarProcess
 
 __all__ = ["SERVICE_NAME", "BackgroundSidecar", "SidecarProcess", "SidecarServer", "serve"]

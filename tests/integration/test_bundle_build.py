@@ -51,7 +51,7 @@ from monitor.detectors import Bundle
 from monitor.detectors._activations import LabeledRow, response_activations
 from monitor.detectors._evaluate import RECIPES
 from monitor.detectors._manifest import load_probe_weights
-from monitor.integrations.vllm._process import REPO, find_vllm_python, vllm_env
+from monitor.harness.vllm import REPO, find_vllm_python, vllm_env
 from monitor.models import default_model_cache, is_converted, load_default_model, load_model
 from monitor.sae import SAE, SAEConfig, save_saelens
 from tests.conftest import ServeProcess

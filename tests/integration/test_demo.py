@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from monitor.integrations.vllm._process import find_vllm_python
+from monitor.harness.vllm import find_vllm_python
 
 
 def test_demo_shows_scores_and_a_fired_detector() -> None:

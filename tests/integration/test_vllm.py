@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from monitor.client import Generation, MonitorClient
+from monitor.harness.vllm import REPO, VllmServer, vllm_env
 from monitor.integrations.vllm import CONTENT_FILTER
-from monitor.integrations.vllm._process import REPO, VllmServer, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServerThread, always_firing_bundle, config, free_port
 

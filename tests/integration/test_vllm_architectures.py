@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Llam
 
 from monitor.client import Generation, MonitorClient
 from monitor.detectors._manifest import ProbeWeights, save_probe_weights
-from monitor.integrations.vllm._process import REPO, vllm_env
+from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, is_converted, load_default_model
 from tests.conftest import ServerThread, config
 

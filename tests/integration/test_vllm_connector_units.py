@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.integrations.vllm._process import REPO
+from monitor.harness.vllm import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from monitor.client import Generation, MonitorClient
-from monitor.integrations.vllm._process import REPO, vllm_env
+from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServeProcess
 
@@ -75,7 +75,7 @@ CASES: dict[str, dict[str, Any]] = {
         "env": {},
         "n_prompts": 24,
         "max_tokens": 120,  # ~35-token prompts: a second block mid-answer, which 40 blocks cannot give all
-        "args": ["--num-blocks", "40", "--max-model-len", "8192"],
+        "args": ["--num-blocks", "40", "--max-model-len", "4608"],
     },
 }
 

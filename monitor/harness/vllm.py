@@ -21,7 +21,7 @@ from monitor.integrations.vllm._settings import ENV_PREFIX
 
 __all__ = ["VllmServer", "find_vllm_python", "vllm_env"]
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def find_vllm_python() -> Path:
