@@ -301,3 +301,28 @@ def test_stats_reach_prometheus_as_vllm_counters() -> None:
     assert got("vllm:safety_monitor_requests_unmonitored_total", labels) == 3
     labels = {"model_name": "m", "engine": "0", "reason": "async_scheduling"}
     assert got("vllm:safety_monitor_modes_refused_total", labels) == 1
+
+
+def test_projected_rows_keep_each_hook_points_own_width(sides: Any) -> None:
+    """Each hook point has its own encoder slice, so the projected widths differ (K = 2 and 5
+    here): the worker projects and hands over each hook point's rows apart."""
+    sched, worker, _ = sides
+    got: dict[str, dict[str, np.ndarray]] = {}
+
+    class Capture(RecordingStreams):
+        def push(self, batch: dict[str, dict[str, np.ndarray]], decisions: dict[str, dict[str, np.ndarray]]) -> None:
+            for rid, rows in batch.items():
+                got[rid] = rows
+
+    worker.streams = Capture()  # type: ignore[assignment]
+    g = torch.Generator().manual_seed(0)
+    worker.slices = [(torch.randn(WIDTH, k, generator=g), torch.randn(k, generator=g)) for k in (2, 5)]
+    rid = "proj-0000000a"
+    run(sched, worker, step([new_req(rid, range(3), [6])], n_sched={rid: 3}))
+    run(sched, worker, step(running=cached([(rid, 3, None)]), n_sched={rid: 1}))
+    rows = got[rid]
+    assert rows[HOOKS[0]].shape == (1, 2) and rows[HOOKS[1]].shape == (1, 5)
+    for j, hp in enumerate(HOOKS):
+        w, b = worker.slices[j]
+        want = torch.full((1, WIDTH), float(position_code([6], 3, j))) @ w + b
+        assert np.allclose(rows[hp], want.numpy(), atol=1e-5)

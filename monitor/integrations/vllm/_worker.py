@@ -36,7 +36,7 @@ Rows = dict[str, dict[str, np.ndarray]]  # engine request id -> hook point -> [r
 class _Copy:
     """One step's rows on their way to the host: ready once ``event`` has completed."""
 
-    host: torch.Tensor  # [n, hook points, width], float32 (pinned on a GPU)
+    host: list[torch.Tensor]  # per hook point [n, width], float32 (pinned on a GPU); widths may differ
     spans: list[tuple[str, int, bool]]  # (engine request id, rows, first row is the decision row)
     event: Any = None  # torch.cuda.Event, None when the copy was synchronous
 
@@ -114,21 +114,24 @@ class MonitorWorker:
         cuda = device.type == "cuda"
         # The index from a pinned host tensor: no synchronous host-to-device copy on the step.
         idx = torch.tensor(slots, dtype=torch.long, pin_memory=cuda).to(device, non_blocking=cuda)
-        rows = self.kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
+        gathered = self.kv[idx // bs, :, idx % bs]  # [n, hook points, d_model]
         slices = self.slices  # read once per step: the streams' thread sets it when the catalog comes
+        # Per hook point: each has its own encoder slice, so the projected widths differ.
         if slices is not None:
-            rows = torch.stack([rows[:, j, :].to(torch.float32) @ w + b for j, (w, b) in enumerate(slices)], dim=1)
-        rows = rows.to(torch.float32)
+            rows = [gathered[:, j, :].to(torch.float32) @ w + b for j, (w, b) in enumerate(slices)]
+        else:
+            rows = [gathered[:, j, :].to(torch.float32) for j in range(gathered.shape[1])]
         if not cuda:
             return _Copy(rows, spans)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(device=device)
-        host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=True)
+        host = [torch.empty(r.shape, dtype=torch.float32, pin_memory=True) for r in rows]
         side = self._side_stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            rows.record_stream(side)
-            host.copy_(rows, non_blocking=True)
+            for pinned, part in zip(host, rows, strict=True):
+                part.record_stream(side)
+                pinned.copy_(part, non_blocking=True)
             event = torch.cuda.Event()
             event.record(side)
         return _Copy(host, spans, event)
@@ -136,7 +139,7 @@ class MonitorWorker:
     def _split(self, copy: _Copy) -> tuple[Rows, Rows]:
         """``(rows, decisions)`` per request: a span that starts at the decision position
         (``prompt_len - 1``) gives that row apart."""
-        arr = copy.host.numpy()
+        arrs = [h.numpy() for h in copy.host]
         hooks = self.settings.hook_points
         out: Rows = {}
         decisions: Rows = {}
@@ -144,10 +147,10 @@ class MonitorWorker:
         for req_id, n, has_decision in copy.spans:
             first = at
             if n and has_decision:
-                decisions[req_id] = {hp: arr[at : at + 1, j] for j, hp in enumerate(hooks)}
+                decisions[req_id] = {hp: arrs[j][at : at + 1] for j, hp in enumerate(hooks)}
                 first += 1
             if at + n > first:
-                out[req_id] = {hp: arr[first : at + n, j] for j, hp in enumerate(hooks)}
+                out[req_id] = {hp: arrs[j][first : at + n] for j, hp in enumerate(hooks)}
             at += n
         return out, decisions
 
