@@ -73,11 +73,11 @@ def long_prompt(tokenizer: Any, tokens: int = 4050) -> str:
 
 
 CASES: dict[str, dict[str, Any]] = {
-    "v1_default_concurrency": {"env": {}, "n_prompts": 256, "max_tokens": 6, "args": []},
+    "v1_default_concurrency": {"env": {}, "n_prompts": 256, "max_tokens": 4, "args": []},
     "v1_preemption_long_n2": {
         "env": {},
         "n_prompts": 24,
-        "max_tokens": 120,  # ~35-token prompts: a second block mid-answer, which 40 blocks cannot give all
+        "max_tokens": 100,  # ~40-token prompts: a second block mid-answer, which 40 blocks cannot give all
         "args": ["--num-blocks", "40", "--max-model-len", "4608", "--ignore-eos"],
     },
 }
