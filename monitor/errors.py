@@ -7,7 +7,9 @@ MonitorError
 
 from __future__ import annotations
 
+import json
 import reprlib
+from pathlib import Path
 from typing import Any
 
 MAX_ECHO = 160  # hostile values are echoed in errors and logs: never more than this many characters
@@ -28,6 +30,18 @@ def echo(value: Any, limit: int = MAX_ECHO) -> str:
     """
     text = _REPR.repr(value)
     return text if len(text) <= limit else f"{text[: limit - 1]}... (cut at {limit} characters)"
+
+
+def read_json_object(path: Path, error: type[Exception], what: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file that must hold an object, or ``error`` naming the file in one line (never a
+    decoder traceback, never a whole hostile document echoed)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: expected {what}, unreadable: {exc}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected {what}, got {type(doc).__name__} {echo(doc)}")
+    return doc
 
 
 class MonitorError(Exception):

@@ -6,7 +6,6 @@ stored. Fitting writes these, ``DetectorSet`` (``_scoring``) turns them into run
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from monitor.detectors._bundle import BundleError
-from monitor.errors import echo
+from monitor.errors import echo, read_json_object
 
 KINDS = ("sae_probe", "linear_probe", "ensemble", "stack")
 COMPOSITES = ("stack",)  # kinds computed from other detectors' verdicts, not from projection columns
@@ -190,12 +189,7 @@ def load_feature_reports(path: Path) -> dict[int, dict[str, Any]]:
     no reports. Checked whole at start-up: a bad entry used to surface on every scored request."""
     if not path.is_file():
         return {}
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise BundleError(f"{path}: expected a JSON object of feature reports, unreadable: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BundleError(f"{path}: expected a JSON object of feature reports, got {type(doc).__name__} {echo(doc)}")
+    doc = read_json_object(path, BundleError, "a JSON object of feature reports")
     out: dict[int, dict[str, Any]] = {}
     for key, report in doc.items():
         if not (key.isascii() and key.isdigit()) or not isinstance(report, dict):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.errors import echo
+from monitor.errors import echo, read_json_object
 from monitor.sae._config import SAEConfig, SAEError
 
 log = logging.getLogger("monitor.sae")
@@ -81,13 +81,7 @@ def _checked(path: Path, cfg: SAEConfig, state: State) -> tuple[SAEConfig, State
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """A JSON config file as a dict, or ``SAEError`` naming the file (never a decoder traceback)."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise SAEError(f"{path}: expected a JSON object, unreadable: {exc}") from None
-    if not isinstance(doc, dict):
-        raise SAEError(f"{path}: expected a JSON object, got {type(doc).__name__} {echo(doc)}")
-    return doc
+    return read_json_object(path, SAEError)
 
 
 def read_native(folder: Path) -> tuple[SAEConfig, State]:
