@@ -9,7 +9,7 @@ STAMP := .make/installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := .make/vllm-installed
 
-.PHONY: install prometheus-tools install-vllm demo demo-vllm test test-unit lint proto proto-check bench bundle bundle-smoke detectors evaluate clean
+.PHONY: install prometheus-tools install-vllm demo demo-vllm test test-vllm-matrix test-unit lint proto proto-check bench bundle bundle-smoke detectors evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -55,6 +55,11 @@ demo-vllm: $(STAMP) $(VLLM_STAMP)
 
 test: prometheus-tools $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# The heavier vLLM cases (about 15 min here), not in `make test` so CI stays well under 30 min:
+# the engine-mode matrix, the second family's bundle through vLLM, the demo on vllm serve.
+test-vllm-matrix: $(STAMP) $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m vllm_matrix
 
 test-unit: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests/unit

@@ -6,8 +6,11 @@ same prompts (the demo's 48, greedy, ``--max-tokens``) ``--repeats`` times after
 alternate ``--rounds`` times so drift hits both. "off" is vLLM with no plugin loaded; "on" adds
 extract_hidden_states capture, the connector and the per-step streams (projected mode).
 tokens/s = output tokens / generation seconds; the ratio is on / off (goal >= 0.95 on CPU).
+With ``--hold-back-tokens N`` a third mode, "withhold", runs the adapter with withholding on, and
+every mode reports vLLM's own mean time to first token and inter-token latency (its histograms, as
+the client sees them: withheld tokens are counted when they are released).
 
-Run: ``python bench/vllm_overhead.py [--eager] [--rounds 2 --repeats 2 --max-tokens 64]``.
+Run: ``python bench/vllm_overhead.py [--eager] [--rounds 2 --repeats 2 --max-tokens 64] [--hold-back-tokens 16]``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,16 @@ from overhead import start_sidecar  # noqa: E402
 from monitor.harness.vllm import find_vllm_python, vllm_env  # noqa: E402
 from monitor.models import default_model_cache, load_default_model  # noqa: E402
 
+LATENCY = {  # vLLM's histogram names (0.32) -> column
+    "vllm:time_to_first_token_seconds": "TTFT",
+    "vllm:inter_token_latency_seconds": "ITL",
+}
 
-def run_mode(python: Path, work: Path, prompts: Path, sidecar: str | None, ns: argparse.Namespace) -> list[float]:
+
+def run_mode(
+    python: Path, work: Path, prompts: Path, sidecar: str | None, ns: argparse.Namespace, hold_back: int = 0
+) -> tuple[list[float], dict[str, float]]:
+    """tokens/s per repeat, and the run's mean TTFT / ITL in seconds (from vLLM's histograms)."""
     out = work / f"out-{'on' if sidecar else 'off'}-{time.monotonic_ns()}.json"
     cmd = [
         str(python),
@@ -51,12 +62,14 @@ def run_mode(python: Path, work: Path, prompts: Path, sidecar: str | None, ns: a
     if ns.eager:
         cmd.append("--eager")
     if sidecar:
-        cmd += ["--sidecar", sidecar]
+        cmd += ["--sidecar", sidecar, "--hold-back-tokens", str(hold_back)]
     proc = subprocess.run(cmd, env=vllm_env(work / "cache"), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"vllm_generate failed:\n{proc.stderr[-3000:]}")
-    runs = json.loads(out.read_text())["runs"]
-    return [r["output_tokens"] / r["seconds"] for r in runs]
+    result = json.loads(out.read_text())
+    m = result["metrics"]
+    latency = {col: m[f"{name}:sum"] / m[f"{name}:count"] for name, col in LATENCY.items() if m.get(f"{name}:count")}
+    return [r["output_tokens"] / r["seconds"] for r in result["runs"]], latency
 
 
 def audited(path: Path) -> int:
@@ -76,6 +89,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's torch.compile)")
     p.add_argument("--port", type=int, default=50777)
+    p.add_argument("--hold-back-tokens", type=int, default=0, help="also run the adapter with withholding (0: not)")
     ns = p.parse_args()
     load_default_model()  # converts the model folder once if needed
     python = find_vllm_python()
@@ -85,16 +99,22 @@ def main() -> int:
     prompts.write_text(json.dumps(prompts_src))
     audit = work / "audit.jsonl"
     sidecar = start_sidecar(ns.port, audit)
-    rates: dict[str, list[float]] = {"off": [], "on": []}
+    modes = ("off", "on", "withhold") if ns.hold_back_tokens > 0 else ("off", "on")
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    latencies: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     coverage: list[float] = []
     try:
         for r in range(ns.rounds):
-            for mode in ("off", "on"):
+            for mode in modes:
                 before = audited(audit)
-                got = run_mode(python, work, prompts, f"127.0.0.1:{ns.port}" if mode == "on" else None, ns)
+                target = f"127.0.0.1:{ns.port}" if mode != "off" else None
+                hold = ns.hold_back_tokens if mode == "withhold" else 0
+                got, lat = run_mode(python, work, prompts, target, ns, hold)
                 rates[mode] += got
-                line = f"round {r + 1} {mode:>3}: " + ", ".join(f"{x:.1f}" for x in got) + " tok/s"
-                if mode == "on":  # every request of the run (warm-up + repeats) must have its verdict
+                latencies[mode].append(lat)
+                line = f"round {r + 1} {mode:>8}: " + ", ".join(f"{x:.1f}" for x in got) + " tok/s"
+                line += "".join(f"; {k} {v * 1000:.0f} ms" for k, v in lat.items())
+                if mode != "off":  # every request of the run (warm-up + repeats) must have its verdict
                     deadline = time.monotonic() + 30
                     want = (1 + ns.repeats) * len(prompts_src)
                     while audited(audit) - before < want and time.monotonic() < deadline:
@@ -108,9 +128,23 @@ def main() -> int:
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     mode = "eager" if ns.eager else "torch.compile"
     print(f"\n{len(prompts_src)} prompts x {ns.max_tokens} tokens, {ns.dtype}, {mode}, vLLM CPU")
-    print(f"| mode | output tok/s (median of {len(rates['off'])}) |\n|---|---|")
-    print(f"| off (no plugin) | {off:.1f} |\n| on (adapter, projected) | {on:.1f} |")
+    print(f"| mode | output tok/s (median of {len(rates['off'])}) | mean TTFT | mean ITL |\n|---|---|---|---|")
+    names = {
+        "off": "off (no plugin)",
+        "on": "on (adapter, projected)",
+        "withhold": f"on, hold_back_tokens={ns.hold_back_tokens}",
+    }
+    for m in modes:
+        lat = {
+            k: statistics.median(d[k] for d in latencies[m] if k in d)
+            for k in LATENCY.values()
+            if any(k in d for d in latencies[m])
+        }
+        cells = " | ".join(f"{lat[k] * 1000:.0f} ms" if k in lat else "n/a" for k in ("TTFT", "ITL"))
+        print(f"| {names[m]} | {statistics.median(rates[m]):.1f} | {cells} |")
     print(f"on / off = {on / off:.3f}")
+    if "withhold" in rates:
+        print(f"withhold / off = {statistics.median(rates['withhold']) / off:.3f}")
     print(f"monitoring coverage in the 'on' runs: {min(coverage):.1%} (lowest run)")
     return 0 if min(coverage) == 1.0 else 1
 

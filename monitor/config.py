@@ -45,6 +45,7 @@ OTHER_COMPONENTS_ENV: dict[str, str] = {
             "CHUNK_TOKENS",
             "CONNECT_TIMEOUT",
             "SEND_TIMEOUT",
+            "HOLD_BACK_TOKENS",
             "TLS_CA",
             "TLS_CERT",
             "TLS_KEY",

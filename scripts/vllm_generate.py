@@ -22,6 +22,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="where to write the outputs and timings")
     p.add_argument("--sidecar", help="sidecar host:port; monitoring is off without it")
     p.add_argument("--full-rows", action="store_true", help="ship d_model rows instead of projected K values")
+    p.add_argument("--hold-back-tokens", type=int, default=0, help="the adapter's withholding bound (0: off)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=1, help="generate the whole set this many times (timed each)")
@@ -43,7 +44,9 @@ def main() -> int:
     if ns.sidecar:
         from monitor.integrations.vllm import AdapterSettings, engine_config, resolve_settings
 
-        settings = resolve_settings(AdapterSettings(sidecar=ns.sidecar, projected=not ns.full_rows))
+        settings = resolve_settings(
+            AdapterSettings(sidecar=ns.sidecar, projected=not ns.full_rows, hold_back_tokens=ns.hold_back_tokens)
+        )
         kwargs = engine_config(settings)
     if ns.max_num_seqs is not None:
         kwargs["max_num_seqs"] = ns.max_num_seqs
@@ -97,7 +100,8 @@ def main() -> int:
 
 
 def _counters(llm: object) -> dict[str, float]:
-    """vLLM's own counters (preemptions, the adapter's ``vllm:safety_monitor_*``), when it has them."""
+    """vLLM's own counters (preemptions, the adapter's ``vllm:safety_monitor_*``) and its latency
+    histograms as ``<name>:sum`` / ``<name>:count`` (time to first token, inter-token latency)."""
     out: dict[str, float] = {}
     try:
         metrics = llm.get_metrics()  # type: ignore[attr-defined]
@@ -106,7 +110,10 @@ def _counters(llm: object) -> dict[str, float]:
     for m in metrics:
         name = getattr(m, "name", "")
         value = getattr(m, "value", None)
-        if isinstance(value, (int, float)):
+        if hasattr(m, "sum") and hasattr(m, "count"):
+            out[f"{name}:sum"] = out.get(f"{name}:sum", 0.0) + float(m.sum)
+            out[f"{name}:count"] = out.get(f"{name}:count", 0.0) + float(m.count)
+        elif isinstance(value, (int, float)):
             labels = getattr(m, "labels", {}) or {}
             reason = labels.get("reason")
             key = f"{name}[{reason}]" if reason else name

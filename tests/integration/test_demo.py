@@ -28,6 +28,7 @@ def test_demo_shows_scores_and_a_fired_detector() -> None:
     assert "safety_monitor_audit_records_total{result=written} = 4" in out
 
 
+@pytest.mark.vllm_matrix  # make test-vllm-matrix (a vllm serve start; the adapter is tested in CI elsewhere)
 def test_demo_with_vllm_serve_shows_scores() -> None:
     """`make demo-vllm`: the same view, with vLLM (adapter on) as the inference server."""
     try:

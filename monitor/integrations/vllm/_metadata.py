@@ -29,12 +29,21 @@ class StepMetadata(KVConnectorMetadata):
 
 
 @dataclass
-class HaltReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, once per step: requests the sidecar advised to halt."""
+class WorkerReport(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, once per step: requests the sidecar advised to halt and, for
+    withholding (``hold_back_tokens``), how far the verdicts without HALT reach."""
 
     halted: dict[str, str] = field(default_factory=dict)  # engine request id -> reason
+    covered: dict[str, int] = field(default_factory=dict)  # request -> output tokens a verdict covers
+    done: set[str] = field(default_factory=set)  # requests whose last verdict came (or never will)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        if isinstance(other, HaltReport):
+        if isinstance(other, WorkerReport):
             self.halted.update(other.halted)
+            for rid, n in other.covered.items():
+                self.covered[rid] = max(n, self.covered.get(rid, -1))
+            self.done |= other.done
         return self
+
+    def __bool__(self) -> bool:
+        return bool(self.halted or self.covered or self.done)

@@ -56,6 +56,52 @@ def guarded(name: str, install: Callable[[], Any]) -> str | None:
     return problem
 
 
+# -- the scheduler's outputs (withholding) ------------------------------------------------------
+
+
+def install_withholding(vllm_config: Any) -> None:
+    """Wrap ``Scheduler.update_from_output`` once: its outputs pass through the connector's
+    ``Withholding`` (when the engine's connector has one) before they leave the engine core."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.update_from_output
+    if not getattr(original, _MARK, False):
+
+        def update_from_output(self: Any, *args: Any, **kwargs: Any) -> Any:
+            outputs = original(self, *args, **kwargs)
+            monitor = getattr(getattr(self, "connector", None), "scheduler", None)
+            withholding = getattr(monitor, "withholding", None)
+            return withholding.apply(outputs) if withholding is not None else outputs
+
+        setattr(update_from_output, _MARK, True)
+        Scheduler.update_from_output = update_from_output
+    used = vllm_config.scheduler_config.get_scheduler_cls()
+    if not getattr(getattr(used, "update_from_output", None), _MARK, False):
+        raise RuntimeError(
+            f"update_from_output: the engine's scheduler {used.__qualname__} overrides it; "
+            "outputs would not be withheld"
+        )
+
+
+def check_withholding_takes_effect() -> None:
+    """Run ``Withholding`` on vLLM's own output types: a token newer than the bound is held, and
+    a HALT drops what was held and finishes as ``content_filter`` (raises ``RuntimeError``)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    from monitor.integrations.vllm._metadata import WorkerReport
+    from monitor.integrations.vllm._withhold import Withholding
+
+    w = Withholding(2)
+    w.track("self-test")
+    step = {0: EngineCoreOutputs(outputs=[EngineCoreOutput(request_id="self-test", new_token_ids=[1, 2, 3])])}
+    sent = [o.new_token_ids for o in w.apply(step)[0].outputs]
+    w.on_report(WorkerReport(halted={"self-test": "self-test"}))
+    last = EngineCoreOutput(request_id="self-test", new_token_ids=[4], finish_reason=FinishReason.LENGTH)
+    out = w.apply({0: EngineCoreOutputs(outputs=[last])})[0].outputs
+    if sent != [[1]] or len(out) != 1 or out[0].new_token_ids or out[0].stop_reason != HALT_STOP_REASON:
+        raise RuntimeError(f"update_from_output: withholding does not work on vLLM's output types ({sent}, {out})")
+
+
 # -- the scheduler's stop check (HALT) ---------------------------------------------------------
 
 _halt_marks: dict[str, str] | None = None

@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from monitor.integrations.vllm._metadata import HaltReport, ReadSpan, StepMetadata
+from monitor.integrations.vllm._metadata import ReadSpan, StepMetadata, WorkerReport
+from monitor.integrations.vllm._withhold import Withholding
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -46,6 +47,8 @@ class MonitorScheduler:
 
     def __init__(self, group: int) -> None:
         self.group = group  # index of the KV-cache group holding the hidden-state blocks
+        # set by the connector once the output patch took effect (``_patches.install_withholding``)
+        self.withholding: Withholding | None = None
         self.next_read: dict[str, int] = {}  # live request -> first position not yet read
         self.halt_marks: dict[str, str] = {}  # live request -> reason; read by the stop check
         self.halts_applied = 0
@@ -65,6 +68,8 @@ class MonitorScheduler:
                 prompt = list(new.prompt_token_ids or ())
                 meta.opened[new.req_id] = prompt
                 self.next_read[new.req_id] = max(len(prompt) - 1, 0)
+                if self.withholding is not None:
+                    self.withholding.track(new.req_id)
             self._plan(meta, new.req_id, new.num_computed_tokens, n_sched, spec)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -93,9 +98,12 @@ class MonitorScheduler:
             meta.reads.append(ReadSpan(req_id, start, end))
             self.next_read[req_id] = end
 
-    def on_worker_report(self, report: HaltReport) -> None:
+    def on_worker_report(self, report: WorkerReport) -> None:
         """HALT advice from the worker: mark live requests only (a halt decided on a request's
-        final chunk arrives after it finished and must not stay behind)."""
+        final chunk arrives after it finished and must not stay behind); verdict progress goes
+        to the withholding."""
+        if self.withholding is not None:
+            self.withholding.on_report(report)
         for req_id, reason in report.halted.items():
             if req_id in self.next_read and req_id not in self.halt_marks:
                 self.halt_marks[req_id] = reason
@@ -115,4 +123,5 @@ class MonitorScheduler:
     @property
     def live(self) -> int:
         """Requests this side tracks (for tests and stats: 0 once every request has ended)."""
-        return len(self.next_read) + len(self.halt_marks) + len(self._finished)
+        held = self.withholding.live if self.withholding is not None else 0
+        return len(self.next_read) + len(self.halt_marks) + len(self._finished) + held

@@ -57,6 +57,9 @@ class AdapterSettings:
     chunk_tokens: int = 16  # rows per ScoreStream chunk (HALT advice is at most one chunk late)
     connect_timeout: float = 30.0  # how long resolve_settings waits for the catalog (hook points not given)
     send_timeout: float = 5.0  # a chunk without a verdict this long leaves its request unmonitored
+    # Withholding (opt-in): the client sees a generated token only once a verdict covers it or N
+    # newer tokens exist; a HALT then keeps the flagged tokens from the client (docs/vllm.md)
+    hold_back_tokens: int = 0
     tls_ca: str | None = None  # PEM CA of a TLS sidecar (with tls_cert/tls_key: mutual TLS)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -90,10 +93,14 @@ class AdapterSettings:
             chunk = int(get("chunk_tokens", 16))
             timeout = float(get("connect_timeout", 30.0))
             send_timeout = float(get("send_timeout", 5.0))
+            hold_back = int(get("hold_back_tokens", 0))
         except ValueError as exc:
             raise ValueError(
-                f"max_queued_rows / chunk_tokens / connect_timeout / send_timeout: expected numbers ({exc})"
+                "max_queued_rows / chunk_tokens / connect_timeout / send_timeout / hold_back_tokens: "
+                f"expected numbers ({exc})"
             ) from None
+        if hold_back < 0:
+            raise ValueError(f"hold_back_tokens: expected >= 0 (0: off), got {hold_back}")
         if send_timeout <= 0:
             raise ValueError(f"send_timeout: expected > 0 seconds, got {send_timeout}")
         if max_rows < 1:
@@ -110,6 +117,7 @@ class AdapterSettings:
             chunk_tokens=chunk,
             connect_timeout=timeout,
             send_timeout=send_timeout,
+            hold_back_tokens=hold_back,
             tls_ca=get("tls_ca") or None,
             tls_cert=get("tls_cert") or None,
             tls_key=get("tls_key") or None,
@@ -130,6 +138,7 @@ class AdapterSettings:
             "chunk_tokens": self.chunk_tokens,
             "connect_timeout": self.connect_timeout,
             "send_timeout": self.send_timeout,
+            "hold_back_tokens": self.hold_back_tokens,
         }
 
     def export_secrets(self, env: Any = None) -> None:

@@ -21,6 +21,7 @@ COUNTERS = {
     "rows_sent": "Activation rows the sidecar acknowledged.",
     "halts": "Requests the sidecar advised to halt.",
     "halts_applied": "Halts the scheduler applied (the request was still running).",
+    "tokens_withheld": "Generated tokens never shown to the client: held (hold_back_tokens) when HALT came.",
 }
 BY_REASON = {
     "requests_unmonitored": "Requests left without a final verdict, by reason.",

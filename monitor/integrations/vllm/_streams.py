@@ -178,6 +178,7 @@ class SidecarStreams:
         open_timeout: float = 2.0,
         reconnect_backoff: float = 0.5,
         on_halt: Callable[[str, str], None] | None = None,
+        on_progress: Callable[[str, int, bool], None] | None = None,
         decode: Decode | None = None,
         labels: Mapping[str, str] | None = None,
         keep_verdicts: int = 0,
@@ -201,6 +202,7 @@ class SidecarStreams:
         self.open_timeout = open_timeout
         self.reconnect_backoff = reconnect_backoff
         self._on_halt = on_halt
+        self._on_progress = on_progress
         self._decode = decode
         self._labels = dict(labels or {})
         self._token = token
@@ -246,7 +248,9 @@ class SidecarStreams:
             if reason is not None:
                 self._stats.unmonitored[reason] += 1
                 self._off[request_id] = reason
-        if reason is None:
+        if reason is not None:
+            self._progress(request_id, -1, True)  # no verdict will come: nothing to wait for
+        else:
             self._loop.call_soon_threadsafe(
                 self._open, request_id, wire_id or request_id, list(prompt_ids), dict(labels or {})
             )
@@ -420,6 +424,18 @@ class SidecarStreams:
         req = self._requests.get(request_id)
         if req is not None:
             req.queue.put_nowait(_Item(final=True, token_ids=token_ids))
+        else:  # never opened here: no verdict will come
+            self._progress(request_id, -1, True)
+
+    def _progress(self, request_id: str, covered: int, done: bool) -> None:
+        """Tell ``on_progress`` how many output tokens a verdict without HALT now covers (-1:
+        none), and whether the request's last verdict came (or never will)."""
+        if self._on_progress is None:
+            return
+        try:
+            self._on_progress(request_id, covered, done)
+        except Exception as exc:  # the engine side's callback: log it, keep monitoring
+            self._warn.warning("on_progress", "safety monitor: on_progress failed for %s", request_id, exc_info=exc)
 
     def _release(self, rows: Mapping[str, np.ndarray], dropped: str | None) -> None:
         """Rows leave the queue: sent (``dropped`` None) or dropped for that reason."""
@@ -526,8 +542,10 @@ class SidecarStreams:
             self._drop_taken(req)
             while not req.queue.empty():
                 self._release(req.queue.get_nowait().rows, "stream_failed")
-            if self._requests.get(req.request_id) is req:
+            if self._requests.get(req.request_id) is req:  # not replaced by a second open
                 del self._requests[req.request_id]
+                ok = req.reason is None and req.last is not None and not req.halted
+                self._progress(req.request_id, req.last.tokens_seen if ok and req.last else -1, True)
             with self._done_cv:
                 if req.reason is None:
                     self._stats.finished += 1
@@ -556,6 +574,8 @@ class SidecarStreams:
         req.last = verdict
         with self._lock:
             self._stats.chunks += 1
+        if final is None and not verdict.halt and not req.halted:
+            self._progress(req.request_id, verdict.tokens_seen, False)
         if verdict.halt and not req.halted:
             req.halted = True
             with self._lock:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.integrations.vllm._metadata import HaltReport, ReadSpan, StepMetadata
+from monitor.integrations.vllm._metadata import ReadSpan, StepMetadata, WorkerReport
 from monitor.integrations.vllm._settings import AdapterSettings, external_id
 from monitor.integrations.vllm._stats import MonitorStats
 from monitor.integrations.vllm._streams import SidecarStreams
@@ -57,8 +57,9 @@ class MonitorWorker:
         self._prompt_len: dict[str, int] = {}
         self._pending: deque[_Copy] = deque()
         self._side_stream: Any = None
-        self._halted_lock = threading.Lock()
-        self._halted: dict[str, str] = {}
+        self._halted_lock = threading.Lock()  # the streams' thread reports; the step takes
+        self._report = WorkerReport()
+        self._reported_done: set[str] = set()  # done, and the scheduler was told (withholding)
         self._sent_final: set[str] = set()
         self._reported: dict[str, Any] = {}
 
@@ -158,26 +159,50 @@ class MonitorWorker:
     def on_halt(self, req_id: str, reason: str) -> None:
         """Called by the streams' thread with the engine request id the sidecar advised to halt."""
         with self._halted_lock:
-            self._halted[req_id] = reason
+            self._report.halted[req_id] = reason
 
-    def take_halts(self) -> HaltReport | None:
+    def on_progress(self, req_id: str, covered: int, done: bool) -> None:
+        """Called by the streams' thread (withholding only): a verdict without HALT covers
+        ``covered`` output tokens; ``done``: the request's last verdict came, or never will."""
         with self._halted_lock:
-            if not self._halted:
+            if covered >= 0:
+                self._report.covered[req_id] = max(covered, self._report.covered.get(req_id, -1))
+            if done:
+                self._report.done.add(req_id)
+
+    def take_report(self) -> WorkerReport | None:
+        """What the scheduler side must learn this step (None when nothing happened)."""
+        with self._halted_lock:
+            if not self._report:
                 return None
-            report, self._halted = HaltReport(dict(self._halted)), {}
+            report, self._report = self._report, WorkerReport()
+        self._reported_done |= report.done
         return report
 
     def take_sent_final(self) -> set[str] | None:
-        """Requests whose final chunk was handed to the streams: their blocks may be freed."""
+        """Requests whose blocks may be freed: their final chunk was handed to the streams and,
+        when withholding, the scheduler already knows their last verdict came (so it releases or
+        drops the held tokens before the engine may go idle)."""
         if not self._sent_final:
             return None
-        done, self._sent_final = self._sent_final, set()
-        return done
+        if self.settings.hold_back_tokens > 0:
+            done = self._sent_final & self._reported_done
+            self._sent_final -= done
+            self._reported_done -= done
+        else:
+            done, self._sent_final = self._sent_final, set()
+        return done or None
 
     @property
     def live(self) -> int:
         """Requests and copies this side still holds (0 once every request has ended)."""
-        return len(self._blocks) + len(self._prompt_len) + len(self._pending) + len(self._sent_final)
+        return (
+            len(self._blocks)
+            + len(self._prompt_len)
+            + len(self._pending)
+            + len(self._sent_final)
+            + len(self._reported_done)
+        )
 
     # -- counters --------------------------------------------------------------------------------
     def take_stats(self) -> MonitorStats | None:
