@@ -439,3 +439,53 @@ def test_withholding_self_test_passes_on_this_vllm() -> None:
     )
     _patches.install_withholding(cfg)
     _patches.check_withholding_takes_effect()
+
+
+def test_withholding_carries_one_time_fields_and_respects_advice_only_and_exemptions() -> None:
+    """Review findings: prompt logprobs and events of a withheld output reach the client with the
+    next one (events in order); with ``halt`` off a HALT advice drops nothing; a resumable session
+    is not withheld; per-token aligned fields (a sampling mask) pass through."""
+    from vllm.v1.engine import FinishReason
+
+    from monitor.integrations.vllm._withhold import Withholding
+
+    w = Withholding(1)
+    w.track("r")
+    first = out("r", [1], new_prompt_logprobs_tensors=SimpleNamespace(tag="prompt"), events=["scheduled"])
+    assert sent(w.apply(outputs(first))) == {}
+    step_out = w.apply(outputs(out("r", [2], events=["preempted"])))
+    got = step_out[0].outputs[0]
+    assert got.new_token_ids == [1] and got.new_prompt_logprobs_tensors.tag == "prompt"
+    assert got.events == ["scheduled", "preempted"]
+
+    advice = Withholding(8, drop_on_halt=False)
+    advice.track("a")
+    advice.apply(outputs(out("a", [1, 2])))
+    advice.on_report(WorkerReport(halted={"a": "harmful_compliance"}, covered={"a": 2}))
+    assert sent(advice.apply(outputs(out("a", [3])))) == {"a": [1, 2]}
+    advice.on_report(WorkerReport(done={"a"}))
+    last = advice.apply(outputs(out("a", [4], FinishReason.LENGTH)))[0].outputs[0]
+    assert last.new_token_ids == [3, 4] and last.stop_reason != HALT_STOP_REASON
+
+    w.exempt.add("session")
+    w.track("session")
+    assert sent(w.apply(outputs(out("session", [5], FinishReason.STOP)))) == {"session": [5]}
+    w.track("masked")
+    assert sent(w.apply(outputs(out("masked", [6], new_sampling_mask=SimpleNamespace())))) == {"masked": [6]}
+    assert "masked" not in w.held and "session" not in w.held
+
+
+def test_worker_reports_done_once_for_requests_it_still_holds(sides: Any) -> None:
+    """A stream that ended early reports done, and its final item reports done again after the
+    request was released: the second must not stay behind in the worker."""
+    sched, worker, _ = sides
+    worker.settings = AdapterSettings(sidecar="x", hook_points=HOOKS, projected=False, hold_back_tokens=4)
+    rid = "twice-0000000a"
+    run(sched, worker, step([new_req(rid, range(3), [1])], n_sched={rid: 3}))
+    worker.on_progress(rid, -1, True)  # its stream failed mid-run
+    assert worker.take_report() is not None
+    assert sched.finished(rid, [5])
+    worker.after_step(sched.build_meta(step()))
+    assert worker.take_sent_final() == {rid}
+    worker.on_progress(rid, -1, True)  # the final item's "done", after the release
+    assert worker.take_report() is None and worker.live == 0

@@ -109,7 +109,7 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
         problem = _patches.guarded("update_from_output", install)
         if problem is None:
             n = self.settings.hold_back_tokens
-            scheduler.withholding = Withholding(n)
+            scheduler.withholding = Withholding(n, drop_on_halt=self.settings.halt)
             log.info("safety monitor: withholding up to %d tokens until a verdict covers them", n)
         else:
             self._stats.add("modes_refused", 1, _reason(problem))
@@ -119,6 +119,11 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
         return 0, False  # nothing to load: store-only
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        sched = self.scheduler
+        if sched is None or sched.withholding is None or not getattr(request, "resumable", False):
+            return None
+        if request.request_id not in sched.next_read:  # new: its turns finish without the request ending
+            sched.withholding.exempt.add(request.request_id)
         return None
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:

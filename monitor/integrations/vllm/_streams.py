@@ -491,6 +491,7 @@ class SidecarStreams:
 
     def _unmonitored(self, req: _Request, reason: str, detail: object, exc: BaseException | None = None) -> None:
         req.reason = reason
+        self._progress(req.request_id, -1, True)  # no verdict will come: release what is held now
         with self._lock:
             self._stats.unmonitored[reason] += 1
         self._warn.warning(

@@ -15,8 +15,14 @@ waits (the request's blocks are held meanwhile, so the engine keeps stepping) un
 reports the last verdict. What the worker reports (``WorkerReport.covered`` / ``done``) comes from
 ``SidecarStreams``' ``on_progress``. A request whose verdicts can never come (unmonitored: the
 sidecar down, its stream failed) is released at once and passes through: withholding fails open,
-and the request is counted unmonitored as always. Requests with logprobs pass through untouched
-(their logprobs are aligned with the tokens of each output).
+and the request is counted unmonitored as always. Requests with per-token fields (logprobs, a
+sampling mask, routed experts) pass through untouched (those are aligned with each output's
+tokens), as do resumable (streaming-input) sessions, whose turns finish without the request
+ending. With ``halt`` off the sidecar's advice is only recorded: nothing held is dropped.
+
+Not bounded in time: a request's last tokens wait for its final verdict, which queues behind its
+other chunks (each bounded by ``send_timeout``). An engine-side abort (``pause_generation(mode=
+"abort")``, shutdown) drops what was held, as a client's disconnect does.
 """
 
 from __future__ import annotations
@@ -27,7 +33,17 @@ from typing import Any
 from monitor.integrations.vllm._metadata import WorkerReport
 from monitor.integrations.vllm._settings import HALT_STOP_REASON
 
-_CARRIED = ("prefill_stats", "events", "trace_headers", "num_nans_in_logits")  # one-time fields
+# One-time fields of an output that is not sent: they go with the request's next output.
+_CARRIED = (
+    "prefill_stats",
+    "events",
+    "trace_headers",
+    "num_nans_in_logits",
+    "new_prompt_logprobs_tensors",
+    "prompt_token_id_logprobs",
+)
+# Per-token fields aligned with ``new_token_ids``: a request that has them passes through untouched.
+_ALIGNED = ("new_logprobs", "new_sampling_mask", "routed_experts")
 
 
 @dataclass
@@ -46,14 +62,19 @@ class _Held:
 class Withholding:
     """Per-request held tokens on the scheduler side (keyed by the engine's request id)."""
 
-    def __init__(self, hold_back: int) -> None:
+    def __init__(self, hold_back: int, drop_on_halt: bool = True) -> None:
         if hold_back < 1:
             raise ValueError(f"hold_back_tokens: expected >= 1 to withhold, got {hold_back}")
         self.hold_back = hold_back
+        self.drop_on_halt = drop_on_halt  # False with ``halt`` off: advice only, the request runs on
+        self.exempt: set[str] = set()  # resumable sessions, marked before they are tracked
         self.held: dict[str, _Held] = {}
         self.tokens_withheld = 0  # tokens never shown because of a HALT, not yet in the stats
 
     def track(self, req_id: str) -> None:
+        if req_id in self.exempt:
+            self.exempt.discard(req_id)
+            return
         self.held.setdefault(req_id, _Held())
 
     def forget(self, req_id: str) -> None:
@@ -61,7 +82,7 @@ class Withholding:
         self.held.pop(req_id, None)
 
     def on_report(self, report: WorkerReport) -> None:
-        for req_id, reason in report.halted.items():
+        for req_id, reason in report.halted.items() if self.drop_on_halt else ():
             st = self.held.get(req_id)
             if st is not None and st.halted is None:
                 st.halted = reason
@@ -132,9 +153,8 @@ class Withholding:
     # -- one request ------------------------------------------------------------------------------
     def _take(self, out: Any, st: _Held) -> bool:
         """Whether ``out`` is sent this step (its tokens replaced by the released ones)."""
-        if out.new_logprobs is not None and st.released == 0 and not st.tokens:
-            st.passthrough = True  # logprobs are aligned with each output's tokens: leave it alone
-            self.held.pop(out.request_id, None)
+        if st.released == 0 and not st.tokens and any(getattr(out, f) is not None for f in _ALIGNED):
+            self.held.pop(out.request_id, None)  # aligned with each output's tokens: leave it alone
             return True
         st.tokens.extend(out.new_token_ids)
         out.new_token_ids = []
@@ -150,7 +170,7 @@ class Withholding:
             return True
         for name in _CARRIED:  # not sent this step: its one-time fields go with the next output
             value = getattr(out, name)
-            if value:
+            if value is not None and (value or name != "num_nans_in_logits"):
                 st.carry[name] = (st.carry.get(name) or []) + value if name == "events" else value
         return False
 
@@ -166,9 +186,7 @@ class Withholding:
         out.new_token_ids = st.tokens[:n]
         del st.tokens[:n]
         st.released += n
-        for name, value in st.carry.items():
-            setattr(out, name, value)
-        st.carry = {}
+        _put_carried(out, st)
         if st.done and st.final is None and not st.tokens:
             st.passthrough = True  # nothing more to wait for (it may still be generating)
 
@@ -183,6 +201,16 @@ class Withholding:
             out.finish_reason, out.stop_reason = FinishReason.STOP, HALT_STOP_REASON  # content_filter
         else:
             out.new_token_ids = list(st.tokens)
-        for name, value in st.carry.items():
-            setattr(out, name, value)
+        _put_carried(out, st)
         return out
+
+
+def _put_carried(out: Any, st: _Held) -> None:
+    """The carried one-time fields onto ``out``: earlier events first; its own values win."""
+    for name, value in st.carry.items():
+        own = getattr(out, name)
+        if name == "events":
+            setattr(out, name, value + (own or []))
+        elif own is None or (name == "num_nans_in_logits" and not own):
+            setattr(out, name, value)
+    st.carry = {}

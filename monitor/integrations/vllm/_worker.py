@@ -176,8 +176,11 @@ class MonitorWorker:
             if not self._report:
                 return None
             report, self._report = self._report, WorkerReport()
+        # a second "done" for a request already released (its stream ended early, then its
+        # final item came) would stay here forever: keep only requests this side still holds
+        report.done &= self._prompt_len.keys() | self._sent_final
         self._reported_done |= report.done
-        return report
+        return report if report else None
 
     def take_sent_final(self) -> set[str] | None:
         """Requests whose blocks may be freed: their final chunk was handed to the streams and,
