@@ -74,6 +74,10 @@ def long_prompt(tokenizer: Any, tokens: int = 4050) -> str:
 
 CASES: dict[str, dict[str, Any]] = {
     "v1_default_concurrency": {"env": {}, "n_prompts": 256, "max_tokens": 4, "args": []},
+    # bf16 (the dtype GPUs serve in) against HF in fp32: a whole bf16 forward pass moves the scores
+    # far more than fp32's last bits (SAE latents near their threshold flip: up to 0.41 measured),
+    # so the check is that each verdict is nearest its own request's HF scores (rows not crossed)
+    "v1_bf16": {"env": {}, "n_prompts": 12, "max_tokens": 24, "args": ["--dtype", "bfloat16"]},
     "v1_preemption_long_n2": {
         "env": {},
         "n_prompts": 24,
@@ -156,6 +160,8 @@ def test_every_request_has_exactly_one_streamed_verdict(case_run: tuple[str, dic
     assert all(r["rpc"] == "ScoreStream" for r in records)
     if name == "v1_default_concurrency":
         assert len(want) == 256
+    elif name == "v1_bf16":
+        assert len(want) == 12
     else:
         assert result["metrics"].get("vllm:num_preemptions", 0) > 0, result["metrics"]
         assert max(len(r["prompt_ids"]) for r in requests) >= 4050
@@ -174,6 +180,8 @@ def test_sampled_verdicts_equal_score_on_hf_activations(
     requests = result["requests"]
     sample = requests[:12] + requests[-4:]
     worst = 0.0
+    atol = float("inf") if name == "v1_bf16" else SCORE_ATOL  # bf16: the fingerprint check below
+    wants: dict[str, dict[str, float]] = {}
     with MonitorClient(result["target"]) as client:
         for r in sample:
             rec = records[r["request_id"]]
@@ -192,7 +200,15 @@ def test_sampled_verdicts_equal_score_on_hf_activations(
             else:
                 assert got and set(got) < set(want), (r["request_id"], sorted(got))
                 want = {k: want[k] for k in got}
+            wants[r["request_id"]] = want
             for k, s in want.items():
                 worst = max(worst, abs(got[k] - s))
-                assert abs(got[k] - s) <= SCORE_ATOL * max(1.0, abs(s)), (name, r["request_id"], k, got[k], s)
+                assert abs(got[k] - s) <= atol * max(1.0, abs(s)), (name, r["request_id"], k, got[k], s)
     print(f"{name}: {len(sample)} sampled verdicts vs HF Score: max |diff| {worst:.2e}")
+    if name == "v1_bf16":  # each verdict is nearest its own request's HF scores
+        for rid in wants:
+            got = {k: v["score"] for k, v in records[rid]["detectors"].items()}
+            dist = {o: sum(abs(got[k] - w[k]) for k in got) for o, w in wants.items() if set(got) <= set(w)}
+            ranked = sorted(dist.items(), key=lambda kv: kv[1])
+            print(f"  {rid}: own {dist[rid]:.3f}, nearest other {next(d for o, d in ranked if o != rid):.3f}")
+            assert ranked[0][0] == rid, (rid, ranked[:3])
