@@ -97,15 +97,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     prompts = work / "prompts.json"
     prompts.write_text(json.dumps(prompts_src))
-    audit = work / "audit.jsonl"
-    sidecar = start_sidecar(ns.port, audit)
     modes = ("off", "on", "withhold") if ns.hold_back_tokens > 0 else ("off", "on")
     rates: dict[str, list[float]] = {m: [] for m in modes}
     latencies: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     coverage: list[float] = []
+    # A fresh sidecar and audit log per run: LLM(...) numbers its requests from 0 in every run, and
+    # the sidecar rightly takes an identical record under a known id for a retry (written once).
+    sidecar = None
     try:
         for r in range(ns.rounds):
             for mode in modes:
+                audit = work / f"audit-{r}-{mode}.jsonl"
+                if mode != "off":
+                    sidecar = start_sidecar(ns.port, audit)
                 before = audited(audit)
                 target = f"127.0.0.1:{ns.port}" if mode != "off" else None
                 hold = ns.hold_back_tokens if mode == "withhold" else 0
@@ -121,10 +125,15 @@ def main() -> int:
                         time.sleep(0.2)
                     coverage.append((audited(audit) - before) / want)
                     line += f"; {audited(audit) - before} of {want} requests have a verdict"
+                if sidecar is not None:
+                    sidecar.terminate()
+                    sidecar.wait(30)
+                    sidecar = None
                 print(line, flush=True)
     finally:
-        sidecar.terminate()
-        sidecar.wait(30)
+        if sidecar is not None:
+            sidecar.terminate()
+            sidecar.wait(30)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     mode = "eager" if ns.eager else "torch.compile"
     print(f"\n{len(prompts_src)} prompts x {ns.max_tokens} tokens, {ns.dtype}, {mode}, vLLM CPU")
