@@ -545,8 +545,8 @@ class SidecarStreams:
                 self._release(req.queue.get_nowait().rows, "stream_failed")
             if self._requests.get(req.request_id) is req:  # not replaced by a second open
                 del self._requests[req.request_id]
-                ok = req.reason is None and req.last is not None and not req.halted
-                self._progress(req.request_id, req.last.tokens_seen if ok and req.last else -1, True)
+                cleared = req.last if req.reason is None and not req.halted else None
+                self._progress(req.request_id, cleared.tokens_seen if cleared is not None else -1, True)
             with self._done_cv:
                 if req.reason is None:
                     self._stats.finished += 1

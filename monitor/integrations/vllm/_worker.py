@@ -57,7 +57,7 @@ class MonitorWorker:
         self._prompt_len: dict[str, int] = {}
         self._pending: deque[_Copy] = deque()
         self._side_stream: Any = None
-        self._halted_lock = threading.Lock()  # the streams' thread reports; the step takes
+        self._report_lock = threading.Lock()  # the streams' thread reports; the step takes
         self._report = WorkerReport()
         self._reported_done: set[str] = set()  # done, and the scheduler was told (withholding)
         self._sent_final: set[str] = set()
@@ -158,13 +158,13 @@ class MonitorWorker:
     # -- HALT and finished requests --------------------------------------------------------------
     def on_halt(self, req_id: str, reason: str) -> None:
         """Called by the streams' thread with the engine request id the sidecar advised to halt."""
-        with self._halted_lock:
+        with self._report_lock:
             self._report.halted[req_id] = reason
 
     def on_progress(self, req_id: str, covered: int, done: bool) -> None:
         """Called by the streams' thread (withholding only): a verdict without HALT covers
         ``covered`` output tokens; ``done``: the request's last verdict came, or never will."""
-        with self._halted_lock:
+        with self._report_lock:
             if covered >= 0:
                 self._report.covered[req_id] = max(covered, self._report.covered.get(req_id, -1))
             if done:
@@ -172,7 +172,7 @@ class MonitorWorker:
 
     def take_report(self) -> WorkerReport | None:
         """What the scheduler side must learn this step (None when nothing happened)."""
-        with self._halted_lock:
+        with self._report_lock:
             if not self._report:
                 return None
             report, self._report = self._report, WorkerReport()
