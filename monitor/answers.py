@@ -13,9 +13,11 @@ torch, transformers and vLLM are imported inside the functions that use them.
     .venv-vllm/bin/python -m monitor.answers --engine vllm --model DIR --prompts P.jsonl --out A.jsonl
     python -m monitor.answers --engine hf --model DIR --prompts P.jsonl --out A.jsonl
 
-``--prompts`` rows: ``{"id", "prompt", ...}``; every key is copied to the output row, which gains
-``response`` (the decoded answer, special tokens skipped, stripped) and ``finish_reason``
-(``stop`` / ``length``).
+``--prompts`` rows: ``{"id", "prompt", ...}``, optionally ``max_new_tokens`` (the row's answer
+length; ``--max-new-tokens`` otherwise); every key is copied to the output row, which gains
+``response`` (the decoded answer, special tokens skipped, stripped), ``finish_reason``
+(``stop`` / ``length``) and ``max_new_tokens``. An answer of another length than the prompt asks
+for does not count as done: changing the length regenerates, it never silently reuses.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_answers", "generate_hf", "generate_vllm", "main", "pending", "read_prompts"]
+__all__ = ["answers_prompt", "append_answers", "generate_hf", "generate_vllm", "main", "pending", "read_prompts"]
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -36,19 +38,41 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     for n, r in enumerate(rows, 1):
         if "id" not in r or "prompt" not in r:
             raise ValueError(f"{path}:{n}: expected keys 'id' and 'prompt', got {sorted(r)}")
+        if "max_new_tokens" in r:
+            try:
+                _length(r, 1)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
     return rows
 
 
+def answers_prompt(answer: dict[str, Any], prompt: dict[str, Any]) -> bool:
+    """Whether ``answer`` is the answer ``prompt`` asks for: the same id and, when the prompt sets
+    ``max_new_tokens``, generated with that length (an answer without the field predates it: no)."""
+    if answer.get("id") != prompt["id"]:
+        return False
+    return "max_new_tokens" not in prompt or answer.get("max_new_tokens") == prompt["max_new_tokens"]
+
+
 def pending(rows: Sequence[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """The rows whose ``id`` has no answer in ``out`` yet (a torn last line counts as no answer)."""
-    done = set()
+    """The rows without an answer in ``out`` yet (see ``answers_prompt``; a torn last line counts as none)."""
+    latest: dict[Any, dict[str, Any]] = {}
     if out.is_file():
         for line in out.read_text(encoding="utf-8").splitlines():
             try:
-                done.add(json.loads(line)["id"])
-            except (ValueError, KeyError):
+                answer = json.loads(line)
+                latest[answer["id"]] = answer
+            except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from an interrupted run: that row is generated again
-    return [r for r in rows if r["id"] not in done]
+    return [r for r in rows if r["id"] not in latest or not answers_prompt(latest[r["id"]], r)]
+
+
+def _length(row: dict[str, Any], default: int) -> int:
+    """The row's answer length: its own ``max_new_tokens``, else the run's."""
+    value = row.get("max_new_tokens", default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"prompt {row.get('id')!r}: max_new_tokens: expected an integer >= 1, got {value!r}")
+    return value
 
 
 def append_answers(out: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -78,6 +102,8 @@ def generate_hf(
 ) -> None:
     """Greedy answers with transformers ``generate``, left-padded batches of similar length, appended to ``out``.
 
+    ``max_new_tokens`` is the length of rows without their own; a batch holds rows of one length.
+
     The inputs go to the device of the model's input embeddings (CPU, one GPU, or the first shard
     of a ``device_map="auto"`` model).
     """
@@ -88,13 +114,16 @@ def generate_hf(
     stops = _stop_ids(model, tokenizer)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    ordered = sorted(todo, key=lambda r: len(r["prompt"]))  # little padding per batch
+    by_length: dict[int, list[dict[str, Any]]] = {}
+    for r in todo:
+        by_length.setdefault(_length(r, max_new_tokens), []).append(r)
+    batches = []
+    for length, rows_of_length in sorted(by_length.items()):
+        ordered = sorted(rows_of_length, key=lambda r: len(r["prompt"]))  # little padding per batch
+        batches += [(length, ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size)]
     try:
         with torch.no_grad():
-            for i in tqdm(
-                range(0, len(ordered), batch_size), desc="answers (hf)", unit=" batches", disable=not progress
-            ):
-                batch = ordered[i : i + batch_size]
+            for length, batch in tqdm(batches, desc="answers (hf)", unit=" batches", disable=not progress):
                 texts = [
                     tokenizer.apply_chat_template(
                         [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
@@ -104,7 +133,7 @@ def generate_hf(
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 gen = model.generate(
                     **enc,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=length,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 )
@@ -112,7 +141,14 @@ def generate_hf(
                 for r, ids in zip(batch, gen[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
                     end = next((k for k, t in enumerate(ids) if t in stops), None)
                     text = tokenizer.decode(ids if end is None else ids[:end], skip_special_tokens=True).strip()
-                    rows.append({**r, "response": text, "finish_reason": "length" if end is None else "stop"})
+                    rows.append(
+                        {
+                            **r,
+                            "response": text,
+                            "finish_reason": "length" if end is None else "stop",
+                            "max_new_tokens": length,
+                        }
+                    )
                 append_answers(out, rows)
     finally:
         tokenizer.padding_side = old_side
@@ -129,7 +165,10 @@ def generate_vllm(
     max_model_len: int = 2048,
     tensor_parallel_size: int = 1,
 ) -> None:
-    """Greedy answers with vLLM's offline ``LLM.chat`` (the model's own chat template), appended to ``out``."""
+    """Greedy answers with vLLM's offline ``LLM.chat`` (the model's own chat template), appended to ``out``.
+
+    ``max_new_tokens`` is the length of rows without their own (one ``SamplingParams`` per row).
+    """
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
@@ -141,15 +180,21 @@ def generate_vllm(
         enforce_eager=True,
         tensor_parallel_size=tensor_parallel_size,
     )
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    lengths = [_length(r, max_new_tokens) for r in todo]
     for i in tqdm(range(0, len(todo), batch_size), desc="answers (vllm)", unit=" batches"):
-        batch = todo[i : i + batch_size]
+        batch, batch_lengths = todo[i : i + batch_size], lengths[i : i + batch_size]
+        params = [SamplingParams(max_tokens=n, temperature=0.0) for n in batch_lengths]
         outs = llm.chat([[{"role": "user", "content": r["prompt"]}] for r in batch], params, use_tqdm=False)
         append_answers(
             out,
             [
-                {**r, "response": o.outputs[0].text.strip(), "finish_reason": o.outputs[0].finish_reason}
-                for r, o in zip(batch, outs, strict=True)
+                {
+                    **r,
+                    "response": o.outputs[0].text.strip(),
+                    "finish_reason": o.outputs[0].finish_reason,
+                    "max_new_tokens": n,
+                }
+                for r, n, o in zip(batch, batch_lengths, outs, strict=True)
             ],
         )
 
@@ -163,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a transformers folder or HF id (hf also takes a .gguf file)")
     p.add_argument("--prompts", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length of rows without their own")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (vllm), 32 (hf)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=2048)

@@ -423,7 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vllm-python", help="vLLM's Python (default: $SAFETY_MONITOR_VLLM_PYTHON or .venv-vllm)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM engine: GPUs per model")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="greedy answer length of every prompt set (default: per set, refusal 48, confusable 40, ordinary 32,"
+        " the lengths the default bundle's data was made with)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per HF generate() batch")
     p.add_argument("--limit", type=int, help="at most about N rows per labeled source (smoke runs and tests)")
     p.add_argument("--model-id", help="the model id clients send (default: the HF id, or the folder's name)")

@@ -86,7 +86,7 @@ def build_bundle(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildR
     model = _Model(cfg.model, cfg.dtype, cfg.device)
 
     log("[2/6] labeled data")
-    prompts = prepare(work, cfg.limit, log=log)
+    prompts = prepare(work, cfg.limit, log=log, max_new_tokens=cfg.max_new_tokens)
 
     log("[3/6] the model's own answers")
     generated, reused = _answers(cfg, pre, prompts, work, model, log)
@@ -188,9 +188,7 @@ def _answers(
         return 0, reused
     if pre.engine == "hf":
         lm, tokenizer = model()
-        generate_hf(
-            lm, tokenizer, todo, answers, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size
-        )
+        generate_hf(lm, tokenizer, todo, answers, batch_size=cfg.generation_batch_size)
         return len(todo), reused
     (work / PROMPTS).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in todo), encoding="utf-8")
     _run_vllm(cfg, pre, work)
@@ -216,7 +214,7 @@ def _run_vllm(cfg: BuildConfig, pre: Preflight, work: Path) -> None:
     assert pre.vllm_python is not None
     cmd = [str(pre.vllm_python), "-m", "monitor.answers", "--engine", "vllm", "--model", source]
     cmd += ["--prompts", str(work / PROMPTS), "--out", str((work / ANSWERS).resolve())]
-    cmd += ["--max-new-tokens", str(cfg.max_new_tokens), "--dtype", cfg.dtype]
+    cmd += ["--dtype", cfg.dtype]  # each prompt row carries its answer length
     cmd += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
     env = vllm_env((work / "vllm").resolve())
     if cfg.device != "cpu":  # a GPU build: keep vLLM's own device defaults, not the CPU ones vllm_env sets
@@ -268,7 +266,7 @@ def restamp(out: Path, cfg: BuildConfig, engine: str, data: Path) -> None:
         f"{cfg.model} loaded in {cfg.dtype} by monitor.models.load_model; other weights of the model (another "
         "dtype, a quantisation) give slightly different activations: re-measure before relying on the figures"
     )
-    answers = f"this model's greedy answers ({engine}, {cfg.max_new_tokens} tokens)"
+    answers = f"this model's greedy answers ({engine}, {_lengths(cfg)})"
     for entry in raw.get("detectors") or []:
         prov = entry.setdefault("provenance", {})
         prov["weights"] = weights
@@ -283,6 +281,15 @@ def restamp(out: Path, cfg: BuildConfig, engine: str, data: Path) -> None:
         streams["source"] = source.replace("the default model's greedy answers (vLLM, 32 tokens)", answers)
         streams["command"] = "monitor bundle build"
     write_manifest_detectors(out, raw.get("detectors") or [], raw.get("baselines"), streams)
+
+
+def _lengths(cfg: BuildConfig) -> str:
+    """The answer lengths, as the provenance states them."""
+    from monitor.bundling._data import ANSWER_TOKENS
+
+    if cfg.max_new_tokens is not None:
+        return f"{cfg.max_new_tokens} tokens"
+    return ", ".join(f"{name} {n}" for name, n in ANSWER_TOKENS.items()) + " tokens"
 
 
 def _sae_fit(out: Path, work: Path, model: _Model) -> dict[str, float]:

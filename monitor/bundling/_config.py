@@ -43,6 +43,8 @@ class BuildConfig:
     out: the bundle folder written; work: resumable intermediate files (default ``<out>.work``).
     sae: a pretrained SAE (native, SAELens, sparsify folder or Gemma Scope ``params.npz``), or
     training: how to train one. Exactly one of the two.
+    max_new_tokens: the greedy answer length of every prompt set; ``None``: each set's length in
+        ``_data.ANSWER_TOKENS`` (refusal 48, confusable 40, ordinary 32, as the default data was made).
     engine: ``auto`` (vLLM when ``vllm_python`` or ``.venv-vllm/bin/python`` exists), ``hf`` or ``vllm``.
     limit: at most about this many rows per labeled source (whole prompt groups): smoke runs and tests.
     model_id: what clients name the model (default: the HF id, or the folder's / file's name).
@@ -58,7 +60,7 @@ class BuildConfig:
     engine: str = "auto"
     vllm_python: str | None = None
     tensor_parallel_size: int = 1
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     generation_batch_size: int = 32
     limit: int | None = None
     model_id: str | None = None

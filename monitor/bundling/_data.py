@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.answers import answers_prompt
 from monitor.detectors._activations import DATA, EVALUATION_ONLY
 from monitor.detectors._compliance import ORDINARY_FILE, ordinary_rows
 from monitor.detectors._datasets import COMPLIANCE_SOURCES, compliance_rows, jsonl_text, refusal_rows
 from monitor.detectors._ordinary import ANSWERS_FILE, KINDS, ORDINARY, load_ordinary_answers, load_ordinary_prompts
 from monitor.text import load_lexicon
 
-__all__ = ["COPIED", "LIMITED", "REBUILT", "limit_rows", "prepare", "rebuild"]
+__all__ = ["ANSWER_TOKENS", "COPIED", "LIMITED", "REBUILT", "limit_rows", "prepare", "rebuild"]
 
 # Copied as they are: label files, the evaluation-only groups, the refusal styles.
 COPIED = ("hh_rlhf_opener_labels.jsonl", "hh_rlhf_fit_opener_labels.jsonl", EVALUATION_ONLY, "refusal_styles.yaml")
@@ -43,6 +44,10 @@ LIMITED = (
 REBUILT = ("refusal.jsonl", "harmful_compliance.jsonl", f"{ORDINARY_FILE}.jsonl")
 # Prompt sets the model answers; an answer's id is "<set>/<id in the set>".
 SETS = ("refusal", "confusable", "ordinary")
+# The greedy answer length per set, in tokens: what ``data/detectors`` and ``data/ordinary`` were
+# generated with (their SOURCE.md files), so the default recipe reproduces the shipped bundle. A
+# detector's recall at its threshold depends on the answer length it was fitted on (docs/your-model.md).
+ANSWER_TOKENS = {"refusal": 48, "confusable": 40, "ordinary": 32}
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -88,8 +93,10 @@ def prepare(
     source: Path = DATA,
     ordinary: Path = ORDINARY,
     log: Callable[[str], None] = print,
+    max_new_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Write ``<work>/data``'s model-independent files; return the prompts to answer (``{"id", "prompt"}``).
+    """Write ``<work>/data``'s model-independent files; return the prompts to answer
+    (``{"id", "prompt", "max_new_tokens"}``: ``max_new_tokens`` when given, else ``ANSWER_TOKENS`` of the set).
 
     The prompts: every refusal prompt, the confusable-safe prompts ``harmful_compliance`` is
     measured on, and the ordinary workload (``data/ordinary``, read through symlinks in
@@ -127,6 +134,8 @@ def prepare(
     prompts = [{"id": f"refusal/{r['group']}", "prompt": r["prompt"]} for r in kept["refusal_prompts.jsonl"]]
     prompts += [{"id": f"confusable/{r['group']}", "prompt": r["prompt"]} for r in confusable]
     prompts += [{"id": f"ordinary/{r['group']}", "prompt": r["prompt"]} for r in workload]
+    for p in prompts:
+        p["max_new_tokens"] = max_new_tokens or ANSWER_TOKENS[p["id"].partition("/")[0]]
     sizes = ", ".join(f"{n} {sum(p['id'].startswith(n + '/') for p in prompts)}" for n in SETS)
     log(f"data: {len(COPIED) + len(LIMITED) + 1} files in {data}; prompts to answer: {sizes}")
     return prompts
@@ -148,13 +157,17 @@ def rebuild(
     work: Path, answers: Path, prompts: Sequence[dict[str, Any]], log: Callable[[str], None] = print
 ) -> dict[str, int]:
     """Split the answers to ``prompts`` (answers to other prompts, from an earlier run with another
-    ``limit``, are left out) into their sets and rebuild the three model-dependent files; rows per file."""
+    ``limit``, or of another length, are left out) into their sets and rebuild the three
+    model-dependent files; rows per file."""
     data = work / "data"
-    wanted = {str(p["id"]) for p in prompts}
+    latest = {str(r["id"]): r for r in _answers(answers) if "id" in r}  # a regenerated answer replaces the old
     by_set: dict[str, list[dict[str, Any]]] = {s: [] for s in SETS}
-    for r in _answers(answers):
+    for p in prompts:
+        r = latest.get(str(p["id"]))
+        if r is None or not answers_prompt(r, p):
+            continue
         kind, _, rid = str(r["id"]).partition("/")
-        if kind in by_set and str(r["id"]) in wanted:
+        if kind in by_set:
             by_set[kind].append({**r, "id": rid})
     own = {  # {"group", "prompt", "response"}: what the builders read
         "model_responses.jsonl": by_set["refusal"],

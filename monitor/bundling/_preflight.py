@@ -63,7 +63,7 @@ def preflight(cfg: BuildConfig) -> Preflight:
         raise BuildError("--sae / --d-sae: expected exactly one (a pretrained SAE, or the width of one to train)")
     if cfg.limit is not None and cfg.limit < 10:
         raise BuildError(f"--limit: expected at least 10 rows per source (5-fold CV needs groups), got {cfg.limit}")
-    if cfg.max_new_tokens < 1:
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise BuildError(f"--max-new-tokens: expected >= 1, got {cfg.max_new_tokens}")
     engine, vllm_python = _engine(cfg)
     config, tokenizer = load_config(cfg.model)  # unknown architecture, no chat template: one line each

@@ -18,8 +18,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, Qwen2Config
 
+from monitor.answers import answers_prompt, append_answers, pending, read_prompts
 from monitor.architectures import FAMILIES
-from monitor.bundling._data import limit_rows, prepare, rebuild
+from monitor.bundling._data import ANSWER_TOKENS, limit_rows, prepare, rebuild
 from monitor.detectors._activations import DATA
 from monitor.detectors._datasets import compliance_rows, jsonl_text, refusal_rows
 from monitor.detectors._ordinary import ORDINARY
@@ -165,15 +166,15 @@ def test_limit_keeps_whole_groups_and_both_labels() -> None:
 def _default_answers(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The default model's own answers, as ``monitor bundle build`` would have generated them."""
     ans = [
-        {"id": f"refusal/{r['group']}", "prompt": r["prompt"], "response": r["response"]}
+        {"id": f"refusal/{r['group']}", "prompt": r["prompt"], "response": r["response"], "max_new_tokens": 48}
         for r in map(json.loads, (DATA / "model_responses.jsonl").read_text().splitlines())
     ]
     ans += [
-        {"id": f"confusable/{r['group']}", "prompt": r["prompt"], "response": r["response"]}
+        {"id": f"confusable/{r['group']}", "prompt": r["prompt"], "response": r["response"], "max_new_tokens": 40}
         for r in map(json.loads, (DATA / "confusable_responses.jsonl").read_text().splitlines())
     ]
     ans += [
-        {**r, "id": f"ordinary/{r['id']}"}
+        {**r, "id": f"ordinary/{r['id']}", "max_new_tokens": 32}
         for r in map(json.loads, (ORDINARY / "answers.jsonl").read_text().splitlines())
     ]
     wanted = {p["id"] for p in prompts}
@@ -191,6 +192,42 @@ def test_the_default_models_answers_give_back_the_shipped_files(tmp_path: Path) 
     # The builders the scripts call, on data/detectors itself.
     assert jsonl_text(refusal_rows(DATA, log=lambda s: None)) == (DATA / "refusal.jsonl").read_text()
     assert jsonl_text(compliance_rows(DATA)) == (DATA / "harmful_compliance.jsonl").read_text()
+
+
+def test_the_default_recipe_asks_for_the_lengths_the_shipped_answers_were_made_with(tmp_path: Path) -> None:
+    """data/detectors/SOURCE.md: refusal answers <= 48 tokens, confusable <= 40; data/ordinary: 32."""
+    prompts = prepare(tmp_path, 12, log=lambda s: None)
+    lengths = {(p["id"].partition("/")[0], p["max_new_tokens"]) for p in prompts}
+    assert lengths == {("refusal", 48), ("confusable", 40), ("ordinary", 32)} == set(ANSWER_TOKENS.items())
+    assert {p["max_new_tokens"] for p in prepare(tmp_path, 12, log=lambda s: None, max_new_tokens=20)} == {20}
+
+
+def test_answers_of_another_length_are_generated_again_never_reused(tmp_path: Path) -> None:
+    """A cache from a run with other lengths (or from before lengths were recorded) is not silently
+    reused: those prompts are pending again, and rebuild reads only the newest answer of the asked length."""
+    prompts = prepare(tmp_path, 12, log=lambda s: None)
+    out = tmp_path / "answers.jsonl"
+    old = [{**p, "response": "An old, short answer.", "max_new_tokens": 32} for p in prompts]
+    old[0].pop("max_new_tokens")  # written before the length was recorded
+    out.write_text(jsonl_text(old))
+    stale = {p["id"] for p in prompts if p["max_new_tokens"] != 32}
+    assert {p["id"] for p in pending(prompts, out)} == stale | {prompts[0]["id"]}
+    assert stale and all(not answers_prompt(a, p) for a, p in zip(old, prompts, strict=True) if p["id"] in stale)
+    new = [{**p, "response": "A new answer of the asked length."} for p in pending(prompts, out)]
+    append_answers(out, new)
+    assert pending(prompts, out) == []
+    rebuild(tmp_path, out, prompts, log=lambda s: None)
+    mine = [json.loads(x) for x in (tmp_path / "data" / "model_responses.jsonl").read_text().splitlines()]
+    assert len(mine) == sum(p["id"].startswith("refusal/") for p in prompts)  # one row per prompt, no duplicate
+    assert {r["response"] for r in mine} == {"A new answer of the asked length."}
+
+
+def test_a_prompt_with_a_bad_length_is_refused_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "hi", "max_new_tokens": 0}\n')
+    expected = r"prompts.jsonl:2: prompt 'b': max_new_tokens: expected an integer >= 1, got 0"
+    with pytest.raises(ValueError, match=expected):
+        read_prompts(path)
 
 
 def test_a_limited_slice_keeps_every_source_fittable(tmp_path: Path) -> None:
