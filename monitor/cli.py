@@ -38,6 +38,7 @@ def _serve(ns: argparse.Namespace) -> int:
             "tls_key": ns.tls_key,
             "tls_client_ca": ns.tls_client_ca,
             "debate_url": ns.debate_url,
+            "otlp_endpoint": ns.otlp_endpoint,
         },
     )
     logging.getLogger().setLevel(config.log_level.upper())
@@ -299,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--constitution", help="YAML file of principles (default: monitor/assets/constitution.yaml)")
     p.add_argument("--debate-url", help="OpenAI-compatible server that debates generations a critical detector flagged")
+    p.add_argument(
+        "--otlp-endpoint",
+        help="http(s)://HOST:PORT of an OTLP/gRPC receiver: verdicts as gen_ai.evaluation.result events (otel extra)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=_serve)
 

@@ -125,6 +125,11 @@ class ServerConfig(BaseSettings):
     debate_queue / debate_timeout: the debate queue's bound and the per-debate timeout in seconds.
         A full queue drops (counted); scoring and HALT never wait.
     blas_threads: numpy BLAS threads in a ``monitor serve`` process (1 avoids thread contention).
+    otlp_endpoint: ``http://HOST:PORT`` (plain) or ``https://HOST:PORT`` (TLS) of an OTLP/gRPC
+        receiver (an OpenTelemetry Collector, Phoenix, Tempo...): each scored generation's verdicts
+        go there as ``gen_ai.evaluation.result`` log events, with the request's trace context (None:
+        off). Needs the ``otel`` extra. Exported off the scoring path; a full queue drops (counted).
+    otel_service_name: the ``service.name`` resource attribute of those events.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True)
@@ -176,6 +181,8 @@ class ServerConfig(BaseSettings):
     debate_queue: Positive = 20
     debate_timeout: Annotated[float, Field(gt=0)] = 300.0
     blas_threads: Positive = 1
+    otlp_endpoint: str | None = None
+    otel_service_name: str = "safety-monitor"
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -209,6 +216,18 @@ class ServerConfig(BaseSettings):
     def _known_level(cls, value: str) -> str:
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            from monitor.telemetry import check_endpoint
+
+            try:
+                check_endpoint(value)
+            except ConfigError as exc:  # pydantic names the key itself
+                raise ValueError(str(exc).removeprefix("otlp_endpoint: ").split(", got ")[0]) from None
         return value
 
     @model_validator(mode="after")

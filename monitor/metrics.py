@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from monitor.detectors import DetectorResult
 from monitor.drift import DriftMonitor
 from monitor.pipeline import ScoreResult, StreamVerdict
+from monitor.telemetry import TraceContext
 
 __all__ = ["LATENCY_BUCKETS", "STAT_BUCKETS", "DriftCollector", "MonitorMetrics"]
 
@@ -246,28 +247,46 @@ class MonitorMetrics:
             "replaced by a fresh reference.",
             registry=r,
         )
+        # -- OpenTelemetry ----------------------------------------------------------------
+        self.otel_events = Counter(
+            f"{PREFIX}_otel_events_total",
+            "Evaluation events for otlp_endpoint: emitted to the exporter, or dropped (its queue was full).",
+            ["outcome"],
+            registry=r,
+        )
+        self.trace_context_invalid = Counter(
+            f"{PREFIX}_trace_context_invalid_total",
+            "Malformed traceparent values ignored (the generation was scored without a trace), by where they came.",
+            ["source"],
+            registry=r,
+        )
         for rpc in RPCS:  # so rates exist (as 0) before the first request
             self.in_flight.labels(rpc)
             self.request_seconds.labels(rpc)
 
     # -- recorder -----------------------------------------------------------------------------
-    def record_rpc(self, rpc: str, code: str, seconds: float) -> None:
-        """One RPC finished with gRPC status ``code`` (e.g. "OK", "INVALID_ARGUMENT")."""
+    def record_rpc(self, rpc: str, code: str, seconds: float, trace: TraceContext | None = None) -> None:
+        """One RPC finished with gRPC status ``code`` (e.g. "OK", "INVALID_ARGUMENT").
+
+        ``trace``: the call's trace context, an exemplar of the latency (OpenMetrics scrapes show it).
+        """
         self.requests.labels(rpc, code).inc()
-        self.request_seconds.labels(rpc).observe(seconds)
+        self.request_seconds.labels(rpc).observe(seconds, _exemplar(trace))
 
     def record_invalid(self, rpc: str, reason: str) -> None:
         self.invalid.labels(rpc, reason).inc()
 
-    def record_score(self, rpc: str, result: ScoreResult) -> None:
-        """A finished generation was scored."""
+    def record_score(self, rpc: str, result: ScoreResult, trace: TraceContext | None = None) -> None:
+        """A finished generation was scored (``trace``: its trace context, the exemplar of its
+        latency and detector observations)."""
+        exemplar = _exemplar(trace)
         self.generations.labels(rpc).inc()
         self.received_bytes.labels(rpc).inc(result.bytes_received)
-        self.pipeline_seconds.labels(rpc).observe(result.seconds)
+        self.pipeline_seconds.labels(rpc).observe(result.seconds, exemplar)
         for hs in result.hook_stats:
             self.tokens.labels(hs.hook_point).inc(hs.tokens)
             self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
-        self._record_detectors(rpc, result.detectors)
+        self._record_detectors(rpc, result.detectors, exemplar)
         self._record_text(result.text_stats, result.change_points)
 
     def _record_text(self, stats: Mapping[str, float], change_points: tuple[str, ...]) -> None:
@@ -277,29 +296,37 @@ class MonitorMetrics:
             direction = self.drift.direction(metric) if self.drift is not None else ""
             self.change_points.labels(metric, direction or "unknown").inc()
 
-    def _record_detectors(self, rpc: str, results: tuple[DetectorResult, ...]) -> None:
+    def _record_detectors(
+        self, rpc: str, results: tuple[DetectorResult, ...], exemplar: dict[str, str] | None = None
+    ) -> None:
         for d in results:
-            self.detector_probability.labels(d.name, d.behaviour).observe(d.probability)
+            self.detector_probability.labels(d.name, d.behaviour).observe(d.probability, exemplar)
             if d.fired:
-                self.detector_fired.labels(d.name, d.behaviour, "critical" if d.critical else "warning").inc()
+                severity = "critical" if d.critical else "warning"
+                self.detector_fired.labels(d.name, d.behaviour, severity).inc(1, exemplar)
         if any(d.fired for d in results):
             self.flagged.labels(rpc).inc()
 
-    def record_chunk(self, verdict: StreamVerdict) -> None:
+    def record_chunk(self, verdict: StreamVerdict, trace: TraceContext | None = None) -> None:
         """A stream chunk was scored; a final chunk also counts its generation."""
+        exemplar = _exemplar(trace)
         self.stream_chunks.inc()
         self.received_bytes.labels("ScoreStream").inc(verdict.new_bytes)
-        self.pipeline_seconds.labels("ScoreStream").observe(verdict.seconds)
+        self.pipeline_seconds.labels("ScoreStream").observe(verdict.seconds, exemplar)
         for hook, n in verdict.new_tokens.items():
             self.tokens.labels(hook).inc(n)
         if verdict.halted_now:
-            self.stream_halts.inc()
+            self.stream_halts.inc(1, exemplar)
         if verdict.final:
             self.generations.labels("ScoreStream").inc()
             for hs in verdict.hook_stats:
                 self.activation_norm.labels(hs.hook_point).observe(hs.mean_l2_norm)
-            self._record_detectors("ScoreStream", verdict.detectors)
+            self._record_detectors("ScoreStream", verdict.detectors, exemplar)
             self._record_text(verdict.text_stats, verdict.change_points)
+
+
+def _exemplar(trace: TraceContext | None) -> dict[str, str] | None:
+    return trace.exemplar if trace is not None else None
 
 
 class DriftCollector(Collector):

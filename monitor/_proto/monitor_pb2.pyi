@@ -59,7 +59,7 @@ class ActivationBlock(_message.Message):
     def __init__(self, hook_point: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., projected: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "output", "activations", "labels", "decision")
+    __slots__ = ("request_id", "model", "prompt", "output", "activations", "labels", "decision", "traceparent")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class ScoreRequest(_message.Message):
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -81,7 +82,8 @@ class ScoreRequest(_message.Message):
     activations: _containers.RepeatedCompositeFieldContainer[ActivationBlock]
     labels: _containers.ScalarMap[str, str]
     decision: _containers.RepeatedCompositeFieldContainer[ActivationBlock]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., output: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., decision: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., output: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., decision: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class FeatureContribution(_message.Message):
     __slots__ = ("latent", "activation", "contribution", "label", "example")
@@ -157,7 +159,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., hook_stats: _Optional[_Iterable[_Union[HookStats, _Mapping]]] = ..., text_stats: _Optional[_Mapping[str, float]] = ..., detectors: _Optional[_Iterable[_Union[DetectorScore, _Mapping]]] = ..., flagged: _Optional[bool] = ..., server_seconds: _Optional[float] = ...) -> None: ...
 
 class ScoreChunk(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "text_delta", "activations", "labels", "final", "decision")
+    __slots__ = ("request_id", "model", "prompt", "text_delta", "activations", "labels", "final", "decision", "traceparent")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +175,7 @@ class ScoreChunk(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -181,7 +184,8 @@ class ScoreChunk(_message.Message):
     labels: _containers.ScalarMap[str, str]
     final: bool
     decision: _containers.RepeatedCompositeFieldContainer[ActivationBlock]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., text_delta: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., final: _Optional[bool] = ..., decision: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., text_delta: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., final: _Optional[bool] = ..., decision: _Optional[_Iterable[_Union[ActivationBlock, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("request_id", "chunk_index", "tokens_seen", "hook_stats", "text_stats", "detectors", "advice", "reason", "final")

@@ -105,10 +105,17 @@ class AsyncMonitorClient(_DeliveryCounts):
         return _wire.catalog(resp)
 
     def stream(
-        self, request_id: str, model: str, *, prompt: str = "", labels: Mapping[str, str] | None = None
+        self,
+        request_id: str,
+        model: str,
+        *,
+        prompt: str = "",
+        labels: Mapping[str, str] | None = None,
+        traceparent: str = "",
     ) -> AsyncScoreStream:
-        """Open a ScoreStream for a running generation; ``await send(...)`` per chunk."""
-        return AsyncScoreStream(self, request_id, model, prompt, dict(labels or {}))
+        """Open a ScoreStream for a running generation; ``await send(...)`` per chunk.
+        ``traceparent``: the W3C trace context of the request being generated (see ``Generation``)."""
+        return AsyncScoreStream(self, request_id, model, prompt, dict(labels or {}), traceparent)
 
     # -- fire and forget ---------------------------------------------------------------------
     def submit(self, generation: Generation) -> bool:
@@ -227,9 +234,15 @@ class AsyncScoreStream(_StreamChunks):
     """
 
     def __init__(
-        self, client: AsyncMonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]
+        self,
+        client: AsyncMonitorClient,
+        request_id: str,
+        model: str,
+        prompt: str,
+        labels: dict[str, str],
+        traceparent: str = "",
     ) -> None:
-        super().__init__(request_id, model, prompt, labels)
+        super().__init__(request_id, model, prompt, labels, traceparent)
         self._client = client
         self._call: Any = client._stub.ScoreStream(metadata=client._metadata, wait_for_ready=True)
 

@@ -150,10 +150,17 @@ class MonitorClient(_DeliveryCounts):
             raise map_rpc_error(exc) from None
 
     def stream(
-        self, request_id: str, model: str, *, prompt: str = "", labels: Mapping[str, str] | None = None
+        self,
+        request_id: str,
+        model: str,
+        *,
+        prompt: str = "",
+        labels: Mapping[str, str] | None = None,
+        traceparent: str = "",
     ) -> ScoreStream:
-        """Open a ScoreStream for a running generation; ``send`` a chunk, get its verdict."""
-        return ScoreStream(self, request_id, model, prompt, dict(labels or {}))
+        """Open a ScoreStream for a running generation; ``send`` a chunk, get its verdict.
+        ``traceparent``: the W3C trace context of the request being generated (see ``Generation``)."""
+        return ScoreStream(self, request_id, model, prompt, dict(labels or {}), traceparent)
 
     # -- fire and forget ----------------------------------------------------------------------
     def submit(self, generation: Generation) -> bool:
@@ -272,14 +279,15 @@ class MonitorClient(_DeliveryCounts):
 class _StreamChunks:
     """A stream's identity and chunk numbering, shared by the sync and async streams.
 
-    The first chunk carries model, prompt and labels; later ones only the request id.
+    The first chunk carries model, prompt, labels and trace context; later ones only the request id.
     """
 
-    def __init__(self, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
+    def __init__(self, request_id: str, model: str, prompt: str, labels: dict[str, str], traceparent: str = "") -> None:
         self.request_id = request_id
         self._model = model
         self._prompt = prompt
         self._labels = labels
+        self._traceparent = traceparent
         self._sent = 0
         self._closed = False
 
@@ -304,6 +312,7 @@ class _StreamChunks:
             final=final,
             projected=projected,
             decision=decision,
+            traceparent=self._traceparent,
         )
         self._sent += 1
         return msg
@@ -312,8 +321,16 @@ class _StreamChunks:
 class ScoreStream(_StreamChunks):
     """One running generation on a ScoreStream call (blocking)."""
 
-    def __init__(self, client: MonitorClient, request_id: str, model: str, prompt: str, labels: dict[str, str]) -> None:
-        super().__init__(request_id, model, prompt, labels)
+    def __init__(
+        self,
+        client: MonitorClient,
+        request_id: str,
+        model: str,
+        prompt: str,
+        labels: dict[str, str],
+        traceparent: str = "",
+    ) -> None:
+        super().__init__(request_id, model, prompt, labels, traceparent)
         self._chunks: queue.Queue[Any] = queue.Queue()
         self._responses: Iterator[pb.Verdict] = client._stub.ScoreStream(self._requests(), metadata=client._metadata)
 

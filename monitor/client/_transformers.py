@@ -62,14 +62,22 @@ class MonitoredGeneration:
 class _Session:
     """One generation's stream: a sender thread, the HALT flag, the final verdict."""
 
-    def __init__(self, client: MonitorClient, request_id: str, model_id: str, prompt: str, labels: dict[str, str]):
+    def __init__(
+        self,
+        client: MonitorClient,
+        request_id: str,
+        model_id: str,
+        prompt: str,
+        labels: dict[str, str],
+        traceparent: str = "",
+    ):
         self.halt = threading.Event()
         self.reason = ""
         self.error = ""
         self.last: ChunkVerdict | None = None
         self._done = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._args = (client, request_id, model_id, prompt, labels)
+        self._args = (client, request_id, model_id, prompt, labels, traceparent)
         self._thread = threading.Thread(target=self._run, name=f"monitor-{request_id}", daemon=True)
         self._thread.start()
 
@@ -78,9 +86,9 @@ class _Session:
         self._queue.put(chunk)
 
     def _run(self) -> None:
-        client, request_id, model_id, prompt, labels = self._args
+        client, request_id, model_id, prompt, labels, traceparent = self._args
         try:
-            with client.stream(request_id, model_id, prompt=prompt, labels=labels) as stream:
+            with client.stream(request_id, model_id, prompt=prompt, labels=labels, traceparent=traceparent) as stream:
                 while True:
                     item = self._queue.get()
                     if item is _END:
@@ -150,15 +158,20 @@ class GenerationMonitor:
         *,
         prompt: str = "",
         labels: Mapping[str, str] | None = None,
+        traceparent: str = "",
         **generate_kwargs: Any,
     ) -> MonitoredGeneration:
-        """``model.generate(input_ids, **generate_kwargs)``, monitored. Batch size 1."""
+        """``model.generate(input_ids, **generate_kwargs)``, monitored. Batch size 1.
+
+        ``traceparent``: the W3C trace context of the request being served (its incoming header):
+        the sidecar's evaluation events and exemplars for this generation carry that trace.
+        """
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         if input_ids.shape[0] != 1:
             raise ValueError(f"input_ids: expected batch size 1, got {input_ids.shape[0]}")
-        session = _Session(self.client, request_id, self.model_id, prompt, dict(labels or {}))
+        session = _Session(self.client, request_id, self.model_id, prompt, dict(labels or {}), traceparent)
         pending: dict[str, list[Any]] = {hp: [] for hp in self.hook_points}
         calls = {hp: 0 for hp in self.hook_points}
         decision: dict[str, Any] = {}  # sent once, with the first chunk

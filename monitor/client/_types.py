@@ -40,6 +40,9 @@ class Generation:
     # hook point -> [1, d_model] (or [1, K] projected) at the last prompt-template token; read by
     # prompt detectors such as deception and harmfulness (optional: without it they report nothing)
     decision: Mapping[str, Any] = field(default_factory=dict)
+    # the W3C ``traceparent`` of the request that produced it (e.g. the inference server's incoming
+    # header): the sidecar's evaluation events and metric exemplars then carry that trace
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def request(gen: Generation) -> pb.ScoreRequest:
         activations=blocks(gen.activations, gen.projected),
         labels=dict(gen.labels),
         decision=blocks(gen.decision, gen.projected),
+        traceparent=gen.traceparent,
     )
 
 
@@ -178,6 +179,7 @@ def chunk(
     final: bool,
     projected: bool = False,
     decision: Mapping[str, Any] | None = None,
+    traceparent: str = "",
 ) -> pb.ScoreChunk:
     msg = pb.ScoreChunk(
         request_id=request_id,
@@ -190,6 +192,7 @@ def chunk(
         msg.model = model
         msg.prompt = prompt
         msg.labels.update(labels)
+        msg.traceparent = traceparent
     return msg
 
 

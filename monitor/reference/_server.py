@@ -114,8 +114,11 @@ class ReferenceServer:
         self.httpd.server_close()
 
     # -- generation ---------------------------------------------------------------------------
-    def complete(self, req: ChatRequest, request_id: str, on_token: Any = None) -> dict[str, Any]:
-        """Run one chat completion; ``on_token(text)`` receives text deltas as they are generated."""
+    def complete(
+        self, req: ChatRequest, request_id: str, on_token: Any = None, traceparent: str = ""
+    ) -> dict[str, Any]:
+        """Run one chat completion; ``on_token(text)`` receives text deltas as they are generated.
+        ``traceparent``: the request's W3C trace context header, passed on to the sidecar."""
         import torch
         from transformers import TextIteratorStreamer
 
@@ -144,7 +147,7 @@ class ReferenceServer:
                 with torch.no_grad():
                     if self.monitor is not None:
                         result["gen"] = self.monitor.generate(
-                            request_id, enc["input_ids"], prompt=prompt_text, **kwargs
+                            request_id, enc["input_ids"], prompt=prompt_text, traceparent=traceparent, **kwargs
                         )
                     else:
                         result["out"] = self.model.generate(enc["input_ids"], **kwargs)
@@ -245,11 +248,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, str(exc), exc.param)
             return
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        traceparent = self.headers.get("traceparent", "")  # W3C trace context: on to the sidecar as is
         try:
             if req.stream:
-                self._stream(req, request_id)
+                self._stream(req, request_id, traceparent)
             else:
-                r = self.app.complete(req, request_id)
+                r = self.app.complete(req, request_id, traceparent=traceparent)
                 self._json(200, _completion(self.app.model_id, request_id, r))
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -257,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("generation failed")
             self._error(500, f"generation failed: {exc}")
 
-    def _stream(self, req: ChatRequest, request_id: str) -> None:
+    def _stream(self, req: ChatRequest, request_id: str, traceparent: str = "") -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -282,7 +286,9 @@ class _Handler(BaseHTTPRequestHandler):
             send({**doc, **(extra or {})})
 
         chunk({"role": "assistant", "content": ""})
-        r = self.app.complete(req, request_id, on_token=lambda text: chunk({"content": text}))
+        r = self.app.complete(
+            req, request_id, on_token=lambda text: chunk({"content": text}), traceparent=traceparent
+        )
         chunk({}, r["finish_reason"], {"safety_monitor": r["safety_monitor"]})
         send("[DONE]")
         self.wfile.write(b"0\r\n\r\n")

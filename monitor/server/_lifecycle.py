@@ -30,6 +30,7 @@ from monitor.server._drift_restore import restore_drift
 from monitor.server._metrics_http import MetricsServer
 from monitor.server._servicer import Admission, SafetyMonitorServicer, add_to_server
 from monitor.server._tls import TlsFiles, metrics_context, server_credentials
+from monitor.telemetry import OtlpEvents
 
 log = logging.getLogger("monitor.server")
 
@@ -58,6 +59,13 @@ class SidecarServer:
         self.critique: CritiqueService | None = None
         self.debate: DebateService | None = None
         self.audit = self._open_audit(config.audit_log) if config.audit_log else None
+        self.events: OtlpEvents | None = None
+        if config.otlp_endpoint:
+            self.events = OtlpEvents(
+                config.otlp_endpoint,
+                service_name=config.otel_service_name,
+                count=lambda outcome, n: self.metrics.otel_events.labels(outcome).inc(n),
+            )
         self._tls_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -128,6 +136,7 @@ class SidecarServer:
             self.critique,
             self.debate,
             drift=self.drift,
+            events=self.events,
         )
         add_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
@@ -171,6 +180,8 @@ class SidecarServer:
             self._saver = asyncio.get_running_loop().create_task(self._save_drift_periodically())
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.events is not None:
+            log.info("evaluation events: gen_ai.evaluation.result over OTLP/gRPC to %s", self.events.endpoint)
         log.info(
             "serving %s on %s:%d (metrics on http://%s:%d/metrics), bundle %s for %s",
             SERVICE_NAME,
@@ -219,6 +230,9 @@ class SidecarServer:
         finally:
             if self.audit is not None:
                 self.audit.close()
+            if self.events is not None:
+                self.events.close()
+                self.events = None
 
     async def _start_critique(self) -> CritiqueService | None:
         cfg = self.config
@@ -232,17 +246,19 @@ class SidecarServer:
             max_queue=cfg.critique_queue,
             concurrency=cfg.critique_concurrency,
             metrics=self.metrics,
-            on_result=self._audit_background if self.audit is not None else None,
+            on_result=self._background if self.audit is not None else None,
         )
         await service.start()
         log.info("critiques: %s in %s mode via %s", "on", cfg.critique_mode, cfg.critic_url)
         return service
 
-    def _audit_background(self, record: dict[str, Any]) -> None:
-        """Critique and debate results go to the audit log too (nothing waits for them: no reply
-        acknowledges them)."""
+    def _background(self, record: dict[str, Any]) -> None:
+        """Critique and debate results go to the audit log too, and debates out as evaluation
+        events (nothing waits for them: no reply acknowledges them)."""
         if self.audit is not None:
             self.audit.write(record)
+        if self.events is not None:
+            self.events.record(record)
 
     async def _start_debate(self) -> DebateService | None:
         cfg = self.config
@@ -255,7 +271,7 @@ class SidecarServer:
             timeout=cfg.debate_timeout,
             max_queue=cfg.debate_queue,
             metrics=self.metrics,
-            on_result=self._audit_background if self.audit is not None else None,
+            on_result=self._background if self.audit is not None or self.events is not None else None,
         )
         await service.start()
         log.info("debates: critical alerts are debated via %s (%d rounds)", cfg.debate_url, cfg.debate_rounds)

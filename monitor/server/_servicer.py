@@ -37,6 +37,7 @@ from monitor.server._acknowledge import Acknowledger
 from monitor.server._budget import Budget
 from monitor.server._decode import decode
 from monitor.server._ratelog import RateLimitedLog
+from monitor.telemetry import OtlpEvents, TraceContext, parse_traceparent, trace_from_metadata
 
 log = logging.getLogger("monitor.server")
 
@@ -65,8 +66,10 @@ class Admission:
 
 @dataclass
 class _Call:
-    """What ``_rpc`` needs to know about how a call ended (a stream without its final chunk)."""
+    """What ``_rpc`` knows of a call: its trace context (``traceparent`` metadata) and how it ended
+    (a stream without its final chunk)."""
 
+    trace: TraceContext | None = None
     incomplete: bool = False
 
 
@@ -104,8 +107,10 @@ class SafetyMonitorServicer:
         critique: CritiqueService | None = None,
         debate: DebateService | None = None,
         drift: DriftMonitor | None = None,
+        events: OtlpEvents | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._events = events
         self._acks = Acknowledger(audit, drift, executor)
         self._metrics = metrics
         self._critique = critique
@@ -121,11 +126,14 @@ class SafetyMonitorServicer:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         """Unary: one finished generation."""
-        async with self._rpc("Score", context):
+        async with self._rpc("Score", context) as call:
             raw = await self._one(request_iterator, "Score")
-            item, result = await self._run(self._score_bytes, raw)
+            item, result, traceparent = await self._run(self._score_bytes, raw)
             result = await self._acks.generation("Score", result)
-            self._metrics.record_score("Score", result)
+            call.trace = trace = self._trace(traceparent, call.trace)  # the RPC's latency exemplar too
+            self._metrics.record_score("Score", result, trace)
+            if self._events is not None:
+                self._events.generation("Score", result, trace)
             self._offer(result.request_id, item.prompt, item.output, result.flagged, result.detectors)
             return _convert.score_response(result)
 
@@ -141,13 +149,22 @@ class SafetyMonitorServicer:
             # leaves only its message pending and the status can still be queued behind it.
             await self._transport(context.send_initial_metadata(()))
             scorer = self._pipeline.open_stream()
+            trace: TraceContext | None = None
+            traced = False  # a chunk's traceparent field was read (the first one that has it)
             async for raw in self._items(request_iterator, "ScoreStream"):
-                verdict = await self._run(self._update_bytes, scorer, raw)
+                traceparent, verdict = await self._run(self._update_bytes, scorer, raw)
+                if traceparent and not traced:
+                    traced, trace = True, self._trace(traceparent, None)
+                call.trace = trace = trace or call.trace  # the RPC's latency exemplar too
                 if verdict.halted_now:
                     await self._acks.halt("ScoreStream", verdict)
+                    if self._events is not None:
+                        self._events.halt("ScoreStream", verdict, trace)
                 if verdict.final:
                     verdict = await self._acks.generation("ScoreStream", verdict)
-                self._metrics.record_chunk(verdict)
+                    if self._events is not None:
+                        self._events.generation("ScoreStream", verdict, trace)
+                self._metrics.record_chunk(verdict, trace)
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
                     self._offer(verdict.request_id, scorer.prompt, scorer.output, flagged, verdict.detectors)
@@ -158,16 +175,16 @@ class SafetyMonitorServicer:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.IngestSummary:
         """Client-streaming: bulk items, scored in batches; the summary follows the last durable record."""
-        async with self._rpc("Ingest", context):
+        async with self._rpc("Ingest", context) as call:
             summary = pb.IngestSummary()
             batch: list[bytes] = []
             async for raw in self._items(request_iterator, "Ingest"):
                 batch.append(raw)
                 if len(batch) >= INGEST_BATCH:
-                    await self._ingest_batch(batch, summary)
+                    await self._ingest_batch(batch, summary, call.trace)
                     batch = []
             if batch:
-                await self._ingest_batch(batch, summary)
+                await self._ingest_batch(batch, summary, call.trace)
             return summary
 
     async def GetDetectors(
@@ -231,12 +248,14 @@ class SafetyMonitorServicer:
         except ExecuteBatchError as exc:
             raise _ClientGone(str(exc)) from None
 
-    async def _ingest_batch(self, batch: list[bytes], summary: pb.IngestSummary) -> None:
+    async def _ingest_batch(
+        self, batch: list[bytes], summary: pb.IngestSummary, call_trace: TraceContext | None
+    ) -> None:
         start_index = summary.received
         scored = await self._run(self._score_all, batch)
         # the summary acknowledges these: on disk (and counted in drift) first
-        outcomes = await self._acks.generations("Ingest", [outcome for _, _, outcome in scored])
-        for offset, ((request_id, item, _), outcome) in enumerate(zip(scored, outcomes, strict=True)):
+        outcomes = await self._acks.generations("Ingest", [outcome for _, _, outcome, _ in scored])
+        for offset, ((request_id, item, _, traceparent), outcome) in enumerate(zip(scored, outcomes, strict=True)):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
                 summary.rejected += 1
@@ -249,33 +268,54 @@ class SafetyMonitorServicer:
                 summary.accepted += 1
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
-                self._metrics.record_score("Ingest", outcome)
+                trace = self._trace(traceparent, call_trace)
+                self._metrics.record_score("Ingest", outcome, trace)
+                if self._events is not None:
+                    self._events.generation("Ingest", outcome, trace)
                 assert item is not None
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 
     # The *_bytes methods run on the scoring pool: decoding a body costs what it declares, and the
     # budget bounds that, but it must never stall the event loop (health checks, other calls).
     # Drift is recorded by the Acknowledger, once the audit record is on disk.
-    def _score_bytes(self, raw: bytes) -> tuple[ScoreInput, ScoreResult]:
-        item = _convert.score_input(decode(pb.ScoreRequest, raw, self._budget))
-        return item, self._pipeline.score(item)
+    def _score_bytes(self, raw: bytes) -> tuple[ScoreInput, ScoreResult, str]:
+        req = decode(pb.ScoreRequest, raw, self._budget)
+        item = _convert.score_input(req)
+        return item, self._pipeline.score(item), req.traceparent
 
-    def _update_bytes(self, scorer: StreamScorer, raw: bytes) -> StreamVerdict:
-        return scorer.update(_convert.chunk_input(decode(pb.ScoreChunk, raw, self._budget)))
+    def _update_bytes(self, scorer: StreamScorer, raw: bytes) -> tuple[str, StreamVerdict]:
+        chunk = decode(pb.ScoreChunk, raw, self._budget)
+        return chunk.traceparent, scorer.update(_convert.chunk_input(chunk))
 
-    def _score_all(self, batch: list[bytes]) -> list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]]:
-        """(request id, input, result or rejection) per Ingest item; a bad item is rejected alone."""
-        out: list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput]] = []
+    def _score_all(self, batch: list[bytes]) -> list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput, str]]:
+        """(request id, input, result or rejection, traceparent) per Ingest item; a bad item is rejected alone."""
+        out: list[tuple[str, ScoreInput | None, ScoreResult | InvalidInput, str]] = []
         for raw in batch:
-            request_id, item = "", None
+            request_id, item, traceparent = "", None, ""
             try:
                 req = decode(pb.ScoreRequest, raw, self._budget)
-                request_id = req.request_id[:128]
+                request_id, traceparent = req.request_id[:128], req.traceparent
                 item = _convert.score_input(req)
-                out.append((request_id, item, self._pipeline.score(item)))
+                out.append((request_id, item, self._pipeline.score(item), traceparent))
             except InvalidInput as exc:
-                out.append((request_id, item, exc))
+                out.append((request_id, item, exc, traceparent))
         return out
+
+    def _trace(self, traceparent: str, call_trace: TraceContext | None) -> TraceContext | None:
+        """A generation's trace: its own ``traceparent`` field, else the call's metadata. A malformed
+        field is ignored (the generation is scored all the same), counted and logged."""
+        if not traceparent:
+            return call_trace
+        trace = parse_traceparent(traceparent)
+        if trace is None:
+            self._metrics.trace_context_invalid.labels("field").inc()
+            self._rejections.warning(
+                ("trace", "field"),
+                "traceparent: expected a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>), got %r; ignored",
+                traceparent[:80],
+            )
+            return call_trace
+        return trace
 
     def _offer(
         self, request_id: str, prompt: str, output: str, flagged: bool, detectors: tuple[DetectorResult, ...] = ()
@@ -309,7 +349,11 @@ class SafetyMonitorServicer:
         gauge = self._metrics.in_flight.labels(rpc)
         gauge.inc()
         code = "OK"
-        call = _Call()
+        trace, malformed = trace_from_metadata(context.invocation_metadata())
+        if malformed:
+            self._metrics.trace_context_invalid.labels("metadata").inc()
+            self._rejections.warning(("trace", "metadata"), "%s: malformed traceparent metadata ignored", rpc)
+        call = _Call(trace=trace)
         try:
             yield call
         except InvalidInput as exc:
@@ -351,7 +395,7 @@ class SafetyMonitorServicer:
                 # A client that cancels (or half-closes) a stream before its final chunk ends the
                 # request iterator like a finished stream: that generation was not fully scored.
                 code = _ended_code(context, "CANCELLED" if call.incomplete else "OK")
-            self._metrics.record_rpc(rpc, code, time.perf_counter() - start)
+            self._metrics.record_rpc(rpc, code, time.perf_counter() - start, call.trace)
 
 
 def _ended_code(context: grpc.aio.ServicerContext, default: str) -> str:
