@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(PYTHON) bench/score.py
 	$(PYTHON) bench/text_stats.py
 	$(PYTHON) bench/non_blocking.py
+	$(PYTHON) bench/otel_overhead.py
 
 # Refit the default bundle's detectors on data/detectors/ (about 1 h on 2 cores the first time: ~20 000 labeled rows teacher-forced; 3 min once the activations are cached in
 # runs/detector-acts), then re-measure them and rewrite docs/model-card.md.

@@ -159,6 +159,12 @@ class MonitorMetrics:
             "Streams advised to HALT because a critical detector fired.",
             registry=r,
         )
+        self.halts_by_detector = Counter(
+            f"{PREFIX}_halts_by_detector_total",
+            "HALTs advised, by each critical detector that fired when it was decided (one HALT may count for two).",
+            ["detector"],
+            registry=r,
+        )
         self.flagged = Counter(
             f"{PREFIX}_generations_flagged_total",
             "Finished generations on which at least one detector fired.",
@@ -317,6 +323,9 @@ class MonitorMetrics:
             self.tokens.labels(hook).inc(n)
         if verdict.halted_now:
             self.stream_halts.inc(1, exemplar)
+            for d in verdict.detectors:
+                if d.critical and d.fired:
+                    self.halts_by_detector.labels(d.name).inc(1, exemplar)
         if verdict.final:
             self.generations.labels("ScoreStream").inc()
             for hs in verdict.hook_stats:

@@ -286,9 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             send({**doc, **(extra or {})})
 
         chunk({"role": "assistant", "content": ""})
-        r = self.app.complete(
-            req, request_id, on_token=lambda text: chunk({"content": text}), traceparent=traceparent
-        )
+        r = self.app.complete(req, request_id, on_token=lambda text: chunk({"content": text}), traceparent=traceparent)
         chunk({}, r["finish_reason"], {"safety_monitor": r["safety_monitor"]})
         send("[DONE]")
         self.wfile.write(b"0\r\n\r\n")

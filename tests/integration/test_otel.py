@@ -147,6 +147,7 @@ def test_a_traceparent_sent_to_the_reference_server_reaches_events_halt_and_exem
     assert any(x.startswith("safety_monitor_detector_probability_bucket") for x in lines), lines
     assert any(x.startswith("safety_monitor_pipeline_duration_seconds_bucket") for x in lines), lines
     assert any(x.startswith("safety_monitor_request_duration_seconds_bucket") for x in lines), lines
+    assert any(x.startswith('safety_monitor_halts_by_detector_total{detector="harmful_compliance') for x in lines)
 
 
 def test_otlp_endpoint_misconfigured_is_one_line(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ test starts, kills and restarts on the port vLLM was told about:
    ``finish_reason: content_filter`` and the client never receives the tokens the HALT verdict
    covered (withheld; counted); two concurrent requests with one client id (``X-Request-Id``) get
    each its own verdict and only the long one is halted (the short one gets its whole answer at
-   its final verdict).
+   its final verdict). This sidecar exports evaluation events to a real OTLP receiver: the halted
+   request's ``traceparent`` header comes out on its events and as a ``/metrics`` exemplar.
 5. 200 streaming requests whose clients hang up mid-generation: no duplicate audit record, vLLM
    has no request running, the adapter's counters add up (every opened request ended monitored
    or counted unmonitored) and the sidecar has no stream open.
@@ -43,6 +44,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.harness.otlp import OtlpReceiver
 from monitor.harness.vllm import REPO, VllmServer, vllm_env
 from monitor.integrations.vllm import CONTENT_FILTER
 from monitor.models import default_model_cache
@@ -54,6 +56,8 @@ pytestmark = pytest.mark.integration
 GOAL_S = 1.0  # requests sent this long after the sidecar serves must be monitored (issue 22)
 N_ABORTS = 200
 HOLD_BACK = 64
+TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE}-{SPAN}-01"
 
 
 def audit_ids(path: Path) -> list[str]:
@@ -64,15 +68,25 @@ def audit_ids(path: Path) -> list[str]:
     return [r["request_id"] for r in recs if r.get("type", "verdict") == "verdict" and "request_id" in r]
 
 
+def openmetrics(metrics_url: str) -> str:
+    req = urllib.request.Request(metrics_url, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(r.read().decode())
+
+
 def audit_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def chat(url: str, content: str, max_tokens: int, request_id: str | None = None, **extra: Any) -> dict[str, Any]:
+def chat(
+    url: str, content: str, max_tokens: int, request_id: str | None = None, traceparent: str = "", **extra: Any
+) -> dict[str, Any]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
     headers = {"Content-Type": "application/json"}
     if request_id is not None:
         headers["X-Request-Id"] = request_id
+    if traceparent:
+        headers["traceparent"] = traceparent
     req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         return dict(json.loads(r.read()))
@@ -227,6 +241,7 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         env={"SAFETY_MONITOR_HOOK_POINTS": HOOK, "SAFETY_MONITOR_HOLD_BACK_TOKENS": str(HOLD_BACK)},
     )
     sidecars: list[ServeProcess] = []
+    receiver = OtlpReceiver().__enter__()
     try:
         server.wait_ready()
         # 1. vLLM before the sidecar
@@ -252,11 +267,25 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         time.sleep(1.0)
         sidecars.append(
             ServeProcess(
-                "--audit-log", str(audit_b), "--bundle", str(bundle), port=port, log_path=work / "sidecar-b.log"
+                "--audit-log",
+                str(audit_b),
+                "--bundle",
+                str(bundle),
+                "--otlp-endpoint",
+                receiver.endpoint,
+                port=port,
+                log_path=work / "sidecar-b.log",
             )
         )
         facts["restart"] = monitored_after(probes, serving_since(sidecars[-1].target), audit_b)
-        facts["halt"] = chat(server.url, "Tell me a long story.", max_tokens=96, request_id="halt")
+        facts["halt"] = chat(server.url, "Tell me a long story.", 96, request_id="halt", traceparent=TRACEPARENT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            r.attributes.get("gen_ai.evaluation.name") == "safety_monitor.halt" for r in receiver.records
+        ):
+            time.sleep(0.1)
+        facts["otel"] = [r for r in receiver.records if r.attributes.get("gen_ai.response.id") == "chatcmpl-halt"]
+        facts["openmetrics"] = openmetrics(sidecars[-1].metrics_url)
         facts["halt_stream"] = stream_chat(server.url, "Tell me a long story.", 96, "halt-stream")
         with ThreadPoolExecutor(2) as pool:
             short = pool.submit(chat, server.url, "Name a colour.", 4, "dup")
@@ -290,6 +319,7 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         for s in sidecars:
             if s.proc.poll() is None:
                 s.kill9()
+        receiver.__exit__()
 
 
 def test_vllm_serves_while_the_sidecar_is_down_and_counts_it(sequence: dict[str, Any]) -> None:
@@ -328,6 +358,20 @@ def test_halt_ends_the_request_with_content_filter(sequence: dict[str, Any]) -> 
     assert c.get("safety_monitor_tokens_withheld", 0) >= halt["tokens_seen"] - resp["usage"]["completion_tokens"], c
     assert [r["halted"] for r in recs if "type" not in r] == [True], recs  # its final verdict
     assert all("fired" in r["halt_reason"] for r in recs if r["halted"]), recs
+
+
+def test_a_traceparent_sent_to_vllm_serve_reaches_the_evaluation_events_and_exemplars(sequence: dict[str, Any]) -> None:
+    """OpenAI server header -> vLLM ``Request.trace_headers`` -> the adapter's stream -> the sidecar:
+    its HALT and detector events (a real OTLP receiver) and a /metrics exemplar carry the trace."""
+    events = sequence["otel"]
+    names = {str(e.attributes["gen_ai.evaluation.name"]) for e in events}
+    assert "safety_monitor.halt" in names and "harmful_compliance.sae_probe" in names, names
+    assert {(e.trace_id, e.span_id) for e in events} == {(TRACE, SPAN)}
+    exemplar = f'# {{span_id="{SPAN}",trace_id="{TRACE}"}}'
+    assert any(
+        x.startswith("safety_monitor_detector_probability_bucket") and exemplar in x
+        for x in sequence["openmetrics"].splitlines()
+    )
 
 
 def test_two_requests_with_one_client_id_each_get_their_own_verdict_and_halt(sequence: dict[str, Any]) -> None:

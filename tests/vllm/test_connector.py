@@ -91,13 +91,23 @@ class RecordingStreams:
 
     def __init__(self) -> None:
         self.opened: dict[str, str] = {}  # key -> wire id
+        self.traces: dict[str, str] = {}  # key -> traceparent
         self.rows: dict[str, list[np.ndarray]] = {}
         self.decisions: dict[str, np.ndarray] = {}
         self.finished: dict[str, list[int]] = {}
 
-    def open(self, request_id: str, prompt_ids: Sequence[int], labels: Any = None, wire_id: str | None = None) -> None:
+    def open(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        labels: Any = None,
+        wire_id: str | None = None,
+        traceparent: str = "",
+    ) -> None:
         assert request_id not in self.opened, f"{request_id} opened twice"
         self.opened[request_id] = wire_id or request_id
+        if traceparent:
+            self.traces[request_id] = traceparent
 
     def push(self, batch: dict[str, dict[str, np.ndarray]], decisions: dict[str, dict[str, np.ndarray]]) -> None:
         for rid, rows in batch.items():
@@ -145,6 +155,29 @@ def test_sync_steps_read_the_decision_row_then_one_row_per_generated_token(sides
         more = [11] if computed == 8 else None
         run(sched, worker, step(running=cached([("r-aaaaaaaa", computed, more)]), n_sched={"r-aaaaaaaa": 1}))
     assert rec.read("r-aaaaaaaa") == [position_code(blocks, p) for p in (6, 7, 8)]
+
+
+def test_a_requests_traceparent_travels_to_its_own_stream_once(sides: Any) -> None:
+    """vLLM's ``Request.trace_headers`` (the OpenAI server's incoming headers) -> the stream of
+    that request only; a resumed request is not noted again; a finished one leaves nothing."""
+    sched, worker, rec = sides
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    sched.note_trace("a-11111111", {"traceparent": tp, "tracestate": "x=1"})
+    sched.note_trace("b-22222222", None)
+    sched.note_trace("c-33333333", {"traceparent": tp})
+    run(
+        sched,
+        worker,
+        step(
+            [new_req("a-11111111", range(4), [1]), new_req("b-22222222", range(4), [2])],
+            n_sched={"a-11111111": 4, "b-22222222": 4},
+        ),
+    )
+    assert rec.traces == {"a-11111111": tp}
+    sched.note_trace("a-11111111", {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})  # resumed: kept as is
+    assert "a-11111111" not in sched._traces
+    sched.finished("c-33333333", [])  # allocated, never opened (aborted): forgotten
+    assert sched._traces == {}
 
 
 def test_pseudo_draft_positions_are_read_only_once_accepted(sides: Any) -> None:

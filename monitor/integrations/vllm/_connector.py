@@ -120,7 +120,10 @@ class SafetyMonitorConnector(KVConnectorBase_V1, SupportsHMA):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         sched = self.scheduler
-        if sched is None or sched.withholding is None or not getattr(request, "resumable", False):
+        if sched is None:
+            return None
+        sched.note_trace(request.request_id, getattr(request, "trace_headers", None))
+        if sched.withholding is None or not getattr(request, "resumable", False):
             return None
         if request.request_id not in sched.next_read:  # new: its turns finish without the request ending
             sched.withholding.exempt.add(request.request_id)

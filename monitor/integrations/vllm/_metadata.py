@@ -22,6 +22,7 @@ class StepMetadata(KVConnectorMetadata):
     per request, unlike the client's id, which two requests may share)."""
 
     opened: dict[str, list[int]] = field(default_factory=dict)  # req -> prompt token ids
+    traces: dict[str, str] = field(default_factory=dict)  # opened req -> its W3C traceparent (when it had one)
     blocks: dict[str, list[int]] = field(default_factory=dict)  # req -> hidden-state block ids to append
     replaced: set[str] = field(default_factory=set)  # resumed after preemption: blocks replace the old ones
     reads: list[ReadSpan] = field(default_factory=list)

@@ -53,6 +53,14 @@ class MonitorScheduler:
         self.halt_marks: dict[str, str] = {}  # live request -> reason; read by the stop check
         self.halts_applied = 0
         self._finished: dict[str, list[int]] = {}
+        self._traces: dict[str, str] = {}  # allocated, not yet opened -> traceparent
+
+    def note_trace(self, req_id: str, headers: Mapping[str, str] | None) -> None:
+        """Keep a new request's ``traceparent`` (vLLM's ``Request.trace_headers``: the OpenAI
+        server's incoming trace headers) until it is opened: its stream carries it to the sidecar."""
+        value = (headers or {}).get("traceparent")
+        if value and req_id not in self.next_read:
+            self._traces[req_id] = str(value)[:512]
 
     def build_meta(self, so: SchedulerOutput) -> StepMetadata:
         meta = StepMetadata(finished=self._finished)
@@ -67,6 +75,9 @@ class MonitorScheduler:
                 # keeps its stream and its read position, and only its blocks are replaced.)
                 prompt = list(new.prompt_token_ids or ())
                 meta.opened[new.req_id] = prompt
+                trace = self._traces.pop(new.req_id, None)
+                if trace:
+                    meta.traces[new.req_id] = trace
                 self.next_read[new.req_id] = max(len(prompt) - 1, 0)
                 if self.withholding is not None:
                     self.withholding.track(new.req_id)
@@ -116,6 +127,7 @@ class MonitorScheduler:
         handed over the final chunk)."""
         monitored = self.next_read.pop(req_id, None) is not None
         self.halt_marks.pop(req_id, None)
+        self._traces.pop(req_id, None)
         if monitored:
             self._finished[req_id] = list(output_token_ids)
         return monitored

@@ -145,6 +145,7 @@ class _Request:
     prompt_ids: Sequence[int]
     labels: dict[str, str]
     queue: asyncio.Queue[_Item]
+    traceparent: str = ""
     task: asyncio.Task[None] | None = None
     last: ChunkVerdict | None = None
     halted: bool = False
@@ -232,11 +233,13 @@ class SidecarStreams:
         prompt_ids: Sequence[int],
         labels: Mapping[str, str] | None = None,
         wire_id: str | None = None,
+        traceparent: str = "",
     ) -> None:
         """Start monitoring a request (the stream opens lazily with its first rows).
 
         ``request_id`` keys every later call (``push``, ``finish``, ``on_halt``); ``wire_id`` (default:
-        the same) is the id the sidecar's verdict and audit record carry.
+        the same) is the id the sidecar's verdict and audit record carry; ``traceparent`` the
+        request's W3C trace context, which its evaluation events and exemplars then carry.
 
         Whether it is monitored is decided here, on the caller's thread: a request opened before
         the catalog arrived (``start_catalog``) stays unmonitored for its whole life, because
@@ -252,7 +255,7 @@ class SidecarStreams:
             self._progress(request_id, -1, True)  # no verdict will come: nothing to wait for
         else:
             self._loop.call_soon_threadsafe(
-                self._open, request_id, wire_id or request_id, list(prompt_ids), dict(labels or {})
+                self._open, request_id, wire_id or request_id, list(prompt_ids), dict(labels or {}), traceparent
             )
 
     def push(
@@ -402,8 +405,10 @@ class SidecarStreams:
             self._off_reason = None
         log.info("safety monitor: catalog from %s received (model %s); monitoring on", self.target, catalog.model)
 
-    def _open(self, request_id: str, wire_id: str, prompt_ids: list[int], labels: dict[str, str]) -> None:
-        req = _Request(request_id, wire_id, prompt_ids, {**self._labels, **labels}, asyncio.Queue())
+    def _open(
+        self, request_id: str, wire_id: str, prompt_ids: list[int], labels: dict[str, str], traceparent: str = ""
+    ) -> None:
+        req = _Request(request_id, wire_id, prompt_ids, {**self._labels, **labels}, asyncio.Queue(), traceparent)
         old = self._requests.get(request_id)
         if old is not None:  # the engine opened an id twice: end the first, do not orphan it
             self._warn.warning("duplicate", "safety monitor: request %s opened twice", request_id)
@@ -563,7 +568,13 @@ class SidecarStreams:
         merged = {hp: np.concatenate(parts) if len(parts) > 1 else parts[0] for hp, parts in rows.items()}
         decision = next((it.decision for it in items if it.decision), None)
         if stream is None:
-            stream = self._client.stream(req.wire_id, self.model, prompt=self._text(req.prompt_ids), labels=req.labels)
+            stream = self._client.stream(
+                req.wire_id,
+                self.model,
+                prompt=self._text(req.prompt_ids),
+                labels=req.labels,
+                traceparent=req.traceparent,
+            )
         try:
             text = self._text(final.token_ids) if final is not None else ""
             verdict = await stream.send(

@@ -71,7 +71,7 @@ class MonitorWorker:
             return
         for req_id, prompt in meta.opened.items():
             self._prompt_len[req_id] = len(prompt)
-            streams.open(req_id, prompt, wire_id=external_id(req_id))
+            streams.open(req_id, prompt, wire_id=external_id(req_id), traceparent=meta.traces.get(req_id, ""))
         for req_id, blocks in meta.blocks.items():
             if req_id in meta.replaced:
                 self._blocks[req_id] = list(blocks)
