@@ -103,12 +103,14 @@ def chat(url: str, prompt: str, max_tokens: int, model: str = "") -> tuple[str, 
     return text, finish, monitored, n
 
 
-def _cell(rec: dict[str, Any], behaviour: str) -> str:
+def _cell(rec: dict[str, Any], behaviour: str, pad: bool = False) -> str:
+    """A behaviour's probability (its ensemble's when there is one); fired ones red with a ``!``.
+    ``pad``: a space where the ``!`` would be, so the narrow view's column never widens."""
     dets = rec.get("detectors", {})
     d = dets.get(f"{behaviour}.ensemble", dets.get(behaviour))
     if d is None:
         return "–"
-    return f"[bold red]{d['probability']:.2f}![/]" if d["fired"] else f"{d['probability']:.2f}"
+    return f"[bold red]{d['probability']:.2f}![/]" if d["fired"] else f"{d['probability']:.2f}" + (" " if pad else "")
 
 
 def _why(rec: dict[str, Any]) -> str:
@@ -121,43 +123,56 @@ def _why(rec: dict[str, Any]) -> str:
     return ""
 
 
-def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url: str) -> Group:
-    t = Table(title=f"requests to {ref_url} (sidecar {sidecar.target}, metrics {metrics_url})", expand=True)
-    for col in (
-        "#",
-        "kind",
-        "tokens",
-        "finish",
-        *(_COLUMN.get(b, f"P({b[:3]})") for b in BEHAVIOURS),
-        "words",
-        "hedge/100w",
-    ):
-        t.add_column(col, no_wrap=True)
-    t.add_column("why (top latent of a fired detector)", overflow="ellipsis", no_wrap=True, ratio=1)
-    t.add_column("output", overflow="ellipsis", no_wrap=True, ratio=1)
+WIDE = 120  # columns from which the view shows tokens, hedging, the top latent and the output
+_NARROW_HEADER = {
+    "deceptive_setup": "d.set",
+    "deceptive_answer": "d.ans",
+    "sycophancy": "syc",
+    "refusal": "ref",
+    "harmful_compliance": "harm",
+}
+_FINISH = {"content_filter": "HALT", "length": "len"}
+
+
+def requests_table(rows: list[Row], title: str, width: int) -> Table:
+    """The last requests with their verdicts. Every probability stays whole at any width: below
+    ``WIDE`` columns the table keeps the verdicts and drops the context (80 columns fit)."""
+    wide = width >= WIDE
+    t = Table(title=title, expand=True, pad_edge=wide, padding=(0, 1) if wide else (0, 0))
+    if wide:
+        heads = ["#", "kind", "tokens", "finish", *(_COLUMN.get(b, f"P({b[:3]})") for b in BEHAVIOURS)]
+        heads += ["words", "hedge/100w"]
+    else:
+        heads = ["#", "kind", "fin", *(_NARROW_HEADER[b] for b in BEHAVIOURS), "words"]
+    for col in heads:
+        t.add_column(col, no_wrap=True, justify="right" if col not in ("kind", "finish", "fin") else "left")
+    if wide:
+        t.add_column("why (top latent of a fired detector)", overflow="ellipsis", no_wrap=True, ratio=1)
+        t.add_column("output", overflow="ellipsis", no_wrap=True, ratio=1)
     for r in rows[-14:]:
         ts = r.record.get("text_stats", {})
-        t.add_row(
-            str(r.n),
-            r.kind,
-            str(r.tokens),
-            r.finish,
-            *(_cell(r.record, b) for b in BEHAVIOURS),
-            f"{ts.get('words', 0):.0f}",
-            f"{ts.get('hedge_rate', 0):.1f}",
-            _why(r.record),
-            r.output.replace("\n", " ")[:80],
-        )
-    drift = Table(title="drift (current window vs reference)", expand=True)
-    for col in ("metric", "reference", "window", "PSI", "KS", "change points", "alarm"):
-        drift.add_column(col, no_wrap=True)
-    first = ("text.words", "text.tokens", "text.hedge_rate", "text.bullets_per_100w", "text.agreement_opener")
-    readings = sorted(
-        (r for r in sidecar.server.drift.readings() if r.metric.startswith("text.")),
-        key=lambda r: (-round(r.psi, 2), first.index(r.metric) if r.metric in first else len(first), r.metric),
-    )
+        cells = [str(r.n), r.kind if wide else r.kind.split("_")[0][:9]]
+        if wide:
+            cells += [str(r.tokens), r.finish]
+        else:
+            cells += [_FINISH.get(r.finish, r.finish[:4])]
+        cells += [_cell(r.record, b, pad=not wide) for b in BEHAVIOURS]
+        cells += [f"{ts.get('words', 0):.0f}"]
+        if wide:
+            cells += [f"{ts.get('hedge_rate', 0):.1f}", _why(r.record), r.output.replace("\n", " ")[:80]]
+        t.add_row(*cells)
+    return t
+
+
+def drift_table(readings: list[Any], width: int) -> Table:
+    """The most-drifted text metrics (current window vs reference)."""
+    wide = width >= WIDE
+    t = Table(title="drift (current window vs reference)", expand=True)
+    cols = ("metric", "reference", "window", "PSI", "KS", "change points", "alarm")
+    for col in cols if wide else ("metric", "ref", "win", "PSI", "KS", "cp", "alarm"):
+        t.add_column(col, no_wrap=True)
     for d in readings[:6]:
-        drift.add_row(
+        t.add_row(
             d.metric,
             str(d.reference_events),
             str(d.window_events),
@@ -166,6 +181,20 @@ def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url
             str(d.change_points),
             "[bold red]DRIFT[/]" if d.drifted else "",
         )
+    return t
+
+
+def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url: str, width: int) -> Group:
+    title = (
+        f"requests to {ref_url} (sidecar {sidecar.target}, metrics {metrics_url})"
+        if width >= WIDE
+        else f"requests to {ref_url}"
+    )
+    first = ("text.words", "text.tokens", "text.hedge_rate", "text.bullets_per_100w", "text.agreement_opener")
+    readings = sorted(
+        (r for r in sidecar.server.drift.readings() if r.metric.startswith("text.")),
+        key=lambda r: (-round(r.psi, 2), first.index(r.metric) if r.metric in first else len(first), r.metric),
+    )
     fired: dict[str, int] = {}
     halts = 0
     for r in rows:
@@ -173,7 +202,11 @@ def _view(rows: list[Row], sidecar: BackgroundSidecar, ref_url: str, metrics_url
             fired[name] = fired.get(name, 0) + int(d["fired"])
         halts += r.finish == "content_filter"
     alerts = ", ".join(f"{k} ×{v}" for k, v in sorted(fired.items()) if v) or "none"
-    return Group(t, drift, f"[bold]alerts[/]: detectors fired: {alerts}; streams halted: {halts}\n")
+    return Group(
+        requests_table(rows, title, width),
+        drift_table(readings, width),
+        f"[bold]alerts[/]: detectors fired: {alerts}; streams halted: {halts}\n",
+    )
 
 
 def scrape_totals(metrics_port: int) -> dict[str, float]:
@@ -241,14 +274,18 @@ def run(ns: argparse.Namespace) -> int:
         start = time.monotonic()
         n = 0
         try:
-            with Live(_view(rows, sidecar, ref.url, metrics_url), console=console, refresh_per_second=4) as live:
+
+            def view() -> Group:  # the terminal's width is read at every refresh (a resized window)
+                return _view(rows, sidecar, ref.url, metrics_url, console.width)
+
+            with Live(view(), console=console, refresh_per_second=4) as live:
                 while True:
                     item = prompts[n % len(prompts)]
                     text, finish, monitored, _chunks = chat(ref.url, item["prompt"], ns.max_new_tokens, bundle.model)
                     record = tail.wait_for(str(monitored.get("request_id", "")))
                     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                     rows.append(Row(n, item["kind"], tokens, finish, record, text))
-                    live.update(_view(rows, sidecar, ref.url, metrics_url))
+                    live.update(view())
                     n += 1
                     elapsed = time.monotonic() - start
                     if ns.duration is not None and elapsed >= ns.duration:
