@@ -109,3 +109,27 @@ def test_an_endpoint_that_is_not_http_host_port_is_refused(endpoint: str) -> Non
         check_endpoint(endpoint)
     assert check_endpoint("https://collector.example:4317") == ("collector.example:4317", False)
     assert check_endpoint("http://127.0.0.1:4317/") == ("127.0.0.1:4317", True)
+
+
+def test_a_full_queue_drops_and_counts_and_nothing_is_unaccounted() -> None:
+    """Offered faster than the exporter thread takes them (a queue of 2): every generation is
+    either turned into its events or counted dropped; none blocks the caller."""
+    pytest.importorskip("opentelemetry.sdk")
+    from monitor.harness.otlp import OtlpReceiver
+    from monitor.telemetry import OtlpEvents
+
+    counts = {"emitted": 0, "dropped": 0}
+
+    def count(outcome: str, n: int) -> None:
+        counts[outcome] += n
+
+    result = ScoreResult("r", "m", (), {}, False, 0.0, 0, (detector("a", False, False), detector("b", True, True)))
+    with OtlpReceiver() as rx:
+        events = OtlpEvents(rx.endpoint, count=count, max_queue=2, schedule_delay_ms=50)
+        for _ in range(2000):
+            events.generation("Score", result, TraceContext(T, S, 1))
+        events.close()
+        received = len(rx.wait_for(counts["emitted"], timeout=10))
+    assert counts["dropped"] > 0
+    assert counts["emitted"] % 2 == 0 and counts["emitted"] // 2 + counts["dropped"] == 2000, counts
+    assert received == counts["emitted"]
