@@ -1,8 +1,10 @@
-"""A real OTLP/gRPC logs receiver on loopback, built on the official ``opentelemetry-proto``
-service definitions: what the tests and ``bench/otel_overhead.py`` export evaluation events to.
+"""A real OTLP/gRPC receiver on loopback, built on the official ``opentelemetry-proto`` service
+definitions: what the tests and ``bench/otel_overhead.py`` export evaluation events to.
 
-It answers ``LogsService/Export`` as an OpenTelemetry Collector does and keeps every log record it
-received, flattened (``Received``), for assertions. Needs the ``otel`` extra.
+It answers ``LogsService/Export`` and ``TraceService/Export`` as an OpenTelemetry Collector does,
+and keeps every log record (``Received``) and span (``Span``) it received, flattened, for
+assertions: the sidecar's evaluation events, and the spans of a vLLM that traces
+(``--otlp-traces-endpoint``). Needs the ``otel`` extra.
 """
 
 from __future__ import annotations
@@ -15,9 +17,22 @@ from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 
-__all__ = ["OtlpReceiver", "Received"]
+__all__ = ["OtlpReceiver", "Received", "Span"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One span as the receiver got it (ids as lowercase hex)."""
+
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any]
+    service: str
 
 
 @dataclass(frozen=True)
@@ -69,15 +84,41 @@ class _Logs(logs_service_pb2_grpc.LogsServiceServicer):
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
+class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, sink: OtlpReceiver) -> None:
+        self.sink = sink
+
+    def Export(self, request: Any, context: Any) -> Any:
+        out = []
+        for rs in request.resource_spans:
+            resource = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    out.append(
+                        Span(
+                            name=sp.name,
+                            trace_id=sp.trace_id.hex(),
+                            span_id=sp.span_id.hex(),
+                            parent_span_id=sp.parent_span_id.hex(),
+                            attributes={kv.key: _value(kv.value) for kv in sp.attributes},
+                            service=str(resource.get("service.name", "")),
+                        )
+                    )
+        self.sink.add_spans(out)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
 class OtlpReceiver:
     """``with OtlpReceiver() as rx:`` a receiver on ``rx.endpoint`` (``http://127.0.0.1:<port>``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[Received] = []
+        self._spans: list[Span] = []
         self.exports = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Logs(self), self._server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(self), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
@@ -85,6 +126,15 @@ class OtlpReceiver:
         with self._lock:
             self._records.extend(records)
             self.exports += 1
+
+    def add_spans(self, spans: list[Span]) -> None:
+        with self._lock:
+            self._spans.extend(spans)
+
+    @property
+    def spans(self) -> list[Span]:
+        with self._lock:
+            return list(self._spans)
 
     @property
     def records(self) -> list[Received]:

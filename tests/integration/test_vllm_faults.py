@@ -231,6 +231,10 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
     audit_a, audit_b = work / "audit-a.jsonl", work / "audit-b.jsonl"
     bundle = always_firing_bundle(work)
     facts: dict[str, Any] = {}
+    # Receives the sidecar's evaluation events and vLLM's own spans: vLLM 0.32 passes a request's
+    # trace headers on to the engine (and so to the adapter) only when it traces itself
+    # (AsyncLLM.add_request drops them without --otlp-traces-endpoint).
+    receiver = OtlpReceiver().__enter__()
     server = VllmServer(
         default_model_cache(),
         port=free_port(),
@@ -239,9 +243,12 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         sidecar=f"127.0.0.1:{port}",
         # the hook points cannot come from a sidecar that is down
         env={"SAFETY_MONITOR_HOOK_POINTS": HOOK, "SAFETY_MONITOR_HOLD_BACK_TOKENS": str(HOLD_BACK)},
+        args=(
+            *("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"),
+            *("--otlp-traces-endpoint", receiver.endpoint),
+        ),
     )
     sidecars: list[ServeProcess] = []
-    receiver = OtlpReceiver().__enter__()
     try:
         server.wait_ready()
         # 1. vLLM before the sidecar
@@ -279,12 +286,13 @@ def sequence(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Ite
         )
         facts["restart"] = monitored_after(probes, serving_since(sidecars[-1].target), audit_b)
         facts["halt"] = chat(server.url, "Tell me a long story.", 96, request_id="halt", traceparent=TRACEPARENT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(
-            r.attributes.get("gen_ai.evaluation.name") == "safety_monitor.halt" for r in receiver.records
-        ):
+        deadline = time.monotonic() + 30  # the HALT event, then the final verdict's detector events
+        wanted = {"safety_monitor.halt", "harmful_compliance"}  # the critical detector (a stack)
+        while time.monotonic() < deadline:
+            facts["otel"] = [r for r in receiver.records if r.attributes.get("gen_ai.response.id") == "chatcmpl-halt"]
+            if wanted <= {str(r.attributes.get("gen_ai.evaluation.name")) for r in facts["otel"]}:
+                break
             time.sleep(0.1)
-        facts["otel"] = [r for r in receiver.records if r.attributes.get("gen_ai.response.id") == "chatcmpl-halt"]
         facts["openmetrics"] = openmetrics(sidecars[-1].metrics_url)
         facts["halt_stream"] = stream_chat(server.url, "Tell me a long story.", 96, "halt-stream")
         with ThreadPoolExecutor(2) as pool:
@@ -362,10 +370,11 @@ def test_halt_ends_the_request_with_content_filter(sequence: dict[str, Any]) -> 
 
 def test_a_traceparent_sent_to_vllm_serve_reaches_the_evaluation_events_and_exemplars(sequence: dict[str, Any]) -> None:
     """OpenAI server header -> vLLM ``Request.trace_headers`` -> the adapter's stream -> the sidecar:
-    its HALT and detector events (a real OTLP receiver) and a /metrics exemplar carry the trace."""
+    its HALT and detector events (a real OTLP receiver) and a /metrics exemplar carry the trace
+    (vLLM traces too, ``--otlp-traces-endpoint``: without it vLLM drops the header)."""
     events = sequence["otel"]
     names = {str(e.attributes["gen_ai.evaluation.name"]) for e in events}
-    assert "safety_monitor.halt" in names and "harmful_compliance.sae_probe" in names, names
+    assert {"safety_monitor.halt", "harmful_compliance"} <= names, sorted(names)
     assert {(e.trace_id, e.span_id) for e in events} == {(TRACE, SPAN)}
     exemplar = f'# {{span_id="{SPAN}",trace_id="{TRACE}"}}'
     assert any(
