@@ -230,16 +230,20 @@ class RunningScores:
             return
         self.tokens[hook_point] = self.tokens.get(hook_point, 0) + int(feats.shape[0])
         self.latent_sums[hook_point] += feats.sum(0, dtype=np.float64)
-        for i, det in enumerate(self._d.runtime):
-            if det.spec.hook_point != hook_point or det.spec.position == "decision":
-                continue
-            s = det.token_scores(feats)
-            self.sum[i] += float(s.sum(dtype=np.float64))
-            self.max[i] = max(self.max[i], float(s.max()))
-            alpha = float(self.alpha[i])
-            decay = (1.0 - alpha) ** np.arange(len(s) - 1, -1, -1, dtype=np.float64)
-            self.ema[i] = (1.0 - alpha) ** len(s) * self.ema[i] + alpha * float(decay @ s)
-            self.count[i] += len(s)
+        plan = self._d.token_plans.get(hook_point)
+        if plan is None:
+            return
+        # Every response detector of this hook point in one GEMM: [T, K] @ [K, m] (a detector's
+        # unused columns are zero), then sum, max and the EMA for all of them at once.
+        idx, weights, bias = plan
+        s = (feats @ weights + bias).astype(np.float64)
+        n = s.shape[0]
+        self.sum[idx] += s.sum(0)
+        self.max[idx] = np.maximum(self.max[idx], s.max(0))
+        keep = 1.0 - self.alpha[idx]
+        decay = keep[None, :] ** np.arange(n - 1, -1, -1, dtype=np.float64)[:, None]
+        self.ema[idx] = keep**n * self.ema[idx] + self.alpha[idx] * (decay * s).sum(0)
+        self.count[idx] += n
 
     def results(self) -> list[DetectorResult]:
         """Each detector's verdict on the tokens seen so far (detectors with no tokens are left out)."""
@@ -330,6 +334,20 @@ class DetectorSet:
                         proj.latent_ids[[c for c in order if c < proj.n_latents]],
                     )
                 )
+
+        # hook point -> (runtime indices of its response detectors, [K, m] weights, [m] biases)
+        self.token_plans: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for hp_name, proj in self.projections.items():
+            idx = [
+                i for i, d in enumerate(self.runtime) if d.spec.hook_point == hp_name and d.spec.position != "decision"
+            ]
+            if not idx:
+                continue
+            w = np.zeros((proj.width, len(idx)), dtype=np.float32)
+            for j, i in enumerate(idx):
+                w[self.runtime[i].cols, j] = self.runtime[i].weight
+            b = np.array([self.runtime[i].bias for i in idx], dtype=np.float32)
+            self.token_plans[hp_name] = (np.array(idx, dtype=np.int64), w, b)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, sae: Any = None) -> DetectorSet:

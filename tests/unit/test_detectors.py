@@ -328,3 +328,33 @@ def test_bad_decision_rows_are_named(tmp_path: Path, rows: int, field: str, expe
             )
         )
     assert exc.value.field == field and expected in str(exc.value)
+
+
+def test_one_gemm_per_hook_point_scores_as_each_detector_alone() -> None:
+    """``RunningScores`` scores every response detector of a hook point with one [K, m] GEMM: the
+    aggregates equal each detector's own ``token_scores`` (sum, max and EMA), over two updates."""
+    import numpy as np
+
+    from monitor.detectors import Bundle, DetectorSet
+    from monitor.detectors._scoring import RunningScores
+
+    ds = DetectorSet.from_bundle(Bundle.load())
+    hp = next(iter(ds.projections))
+    rng = np.random.default_rng(0)
+    parts = [ds.features(hp, rng.normal(size=(n, 576)).astype(np.float32)) for n in (37, 5)]
+    run = RunningScores(ds)
+    for f in parts:
+        run.update(hp, f)
+    checked = 0
+    for i, det in enumerate(ds.runtime):
+        if det.spec.hook_point != hp or det.spec.position == "decision":
+            continue
+        s = np.concatenate([det.token_scores(f).astype(np.float64) for f in parts])
+        a = float(run.alpha[i])
+        ema = float(((1 - a) ** np.arange(len(s) - 1, -1, -1) * a) @ s)
+        assert run.sum[i] == pytest.approx(s.sum(), rel=1e-5, abs=1e-4), det.spec.name
+        assert run.max[i] == pytest.approx(s.max(), rel=1e-5, abs=1e-5), det.spec.name
+        assert run.ema[i] == pytest.approx(ema, rel=1e-5, abs=1e-5), det.spec.name
+        assert run.count[i] == len(s)
+        checked += 1
+    assert checked >= 10
