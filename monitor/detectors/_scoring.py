@@ -194,13 +194,20 @@ class HookProjection:
         out += self.b
         return out
 
-    def features(self, pre: np.ndarray) -> np.ndarray:
-        """Apply the SAE nonlinearity to the latent columns; dense columns pass through."""
+    def features(self, pre: np.ndarray, copy: bool = True) -> np.ndarray:
+        """Apply the SAE nonlinearity to the latent columns; dense columns pass through.
+
+        ``copy=False`` works in place: for a ``pre`` this process just computed (``project``'s
+        output), never for a client's array.
+        """
         k = self.n_latents
         if k:
-            lat = pre[:, :k]
-            pre = pre.copy()
-            pre[:, :k] = np.where(lat > self.jump_threshold, np.maximum(lat, 0.0), 0.0)
+            out = pre.copy() if copy else pre
+            lat = out[:, :k]
+            keep = lat > self.jump_threshold  # JumpReLU gate (0 for a ReLU SAE), then ReLU
+            np.maximum(lat, 0.0, out=lat)
+            np.multiply(lat, keep, out=lat)
+            return out
         return pre
 
 
@@ -383,7 +390,7 @@ class DetectorSet:
         proj = self.projections.get(hook_point)
         if proj is None:
             return None
-        return proj.features(x if projected else proj.project(x))
+        return proj.features(x, copy=True) if projected else proj.features(proj.project(x), copy=False)
 
     def score(
         self, hook_point: str, x: np.ndarray, projected: bool = False, decision: np.ndarray | None = None
