@@ -89,7 +89,13 @@ def test_chat_completion_is_scored_and_audited(stack: tuple[ServerThread, Refere
     assert rec["rpc"] == "ScoreStream" and len(rec["detectors"]) == 16
     assert "harmful_compliance" in rec["detectors"]  # the decision row travelled with the first chunk
     assert rec["text_stats"]["output_chars"] == len(text)
+    # The record is durable before the metrics of its final chunk are recorded (and the reply
+    # that follows them may still be on its way): read the metrics once they count it.
+    deadline = time.monotonic() + 10
     m = sidecar.metrics()
+    while sample(m, "safety_monitor_generations_scored_total", rpc="ScoreStream") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        m = sidecar.metrics()
     assert sample(m, "safety_monitor_generations_scored_total", rpc="ScoreStream") == 1
     assert (
         sample(
