@@ -56,8 +56,8 @@ demo-vllm: $(STAMP) $(VLLM_STAMP)
 test: prometheus-tools $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
-# The heavier vLLM cases (about 15 min here), not in `make test` so CI stays well under 30 min:
-# the engine-mode matrix, the second family's bundle through vLLM, the demo on vllm serve.
+# The heavier vLLM cases (about 8 min here), not in `make test` so CI stays well under 30 min:
+# the second family's bundle through vLLM, the layer-id check, the demo on vllm serve.
 test-vllm-matrix: $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m vllm_matrix
 

