@@ -256,7 +256,8 @@ class MonitorMetrics:
         # -- OpenTelemetry ----------------------------------------------------------------
         self.otel_events = Counter(
             f"{PREFIX}_otel_events_total",
-            "Evaluation events for otlp_endpoint: emitted to the exporter, or dropped (its queue was full).",
+            "OTLP evaluation events: emitted (to the exporter), failed (not accepted by the receiver); "
+            "dropped counts generations whose events were never built (queue full).",
             ["outcome"],
             registry=r,
         )

@@ -1,4 +1,5 @@
-"""Acknowledging a scored generation: its audit record is made durable first, then drift counts it, once.
+"""Acknowledging a scored generation: its audit record is made durable first, then drift counts it
+and its evaluation events go out (``otlp_endpoint``), once.
 
 The servicer sends the reply that acknowledges a generation (a Score reply, a stream's final
 verdict, an Ingest summary) only after ``generation`` or ``generations`` returns. Drift counts a
@@ -26,6 +27,7 @@ from monitor.drift import DriftMonitor
 from monitor.errors import InvalidInput
 from monitor.pipeline import ScoreResult, StreamVerdict, observe_drift
 from monitor.server._ratelog import RateLimitedLog
+from monitor.telemetry import OtlpEvents, TraceContext
 
 __all__ = ["WINDOW", "Acknowledger"]
 
@@ -45,23 +47,32 @@ class Acknowledger:
         drift: DriftMonitor | None,
         executor: Executor,
         window: int = WINDOW,
+        events: OtlpEvents | None = None,
     ) -> None:
         self._audit = audit
         self._drift = drift
+        self._events = events
         self._executor = executor
         self._window = window
         self._done: OrderedDict[bytes, None] = OrderedDict()
         self._writing: dict[bytes, asyncio.Future[None]] = {}
         self._failures = RateLimitedLog(log, interval=60.0)
 
-    async def generation(self, rpc: str, result: R) -> R:
-        """Make ``result`` durable and count it in drift; raises ``AuditUnavailable`` (do not acknowledge)."""
-        (out,) = await self.generations(rpc, [result])
+    async def generation(self, rpc: str, result: R, trace: TraceContext | None = None) -> R:
+        """Make ``result`` durable, count it in drift and emit its events (with ``trace``); raises
+        ``AuditUnavailable`` (do not acknowledge)."""
+        (out,) = await self.generations(rpc, [result], [trace])
         return cast(R, out)  # each result comes back as its own type
 
-    async def generations(self, rpc: str, results: Sequence[R | InvalidInput]) -> list[R | InvalidInput]:
-        """``generation`` for a batch: all written in one group, each durable one counted, then the
-        first write error raised. Rejected items (``InvalidInput``) pass through untouched."""
+    async def generations(
+        self,
+        rpc: str,
+        results: Sequence[R | InvalidInput],
+        traces: Sequence[TraceContext | None] | None = None,
+    ) -> list[R | InvalidInput]:
+        """``generation`` for a batch: all written in one group, each durable one counted and its
+        events emitted, then the first write error raised. Rejected items (``InvalidInput``) pass
+        through untouched; a retry of an acknowledged generation is neither counted nor emitted."""
         writes: list[tuple[int, bytes, asyncio.Future[None] | None]] = []
         for i, result in enumerate(results):
             if isinstance(result, InvalidInput):
@@ -90,6 +101,9 @@ class Acknowledger:
                 out[i] = result
                 if result.change_points and self._audit is not None:  # noted, not awaited
                     self._audit.write(change_point_record(rpc, result.request_id, result.change_points))
+        if self._events is not None:
+            for i in fresh:
+                self._events.generation(rpc, cast(R, out[i]), traces[i] if traces is not None else None)
         if error is not None:
             raise error
         return out

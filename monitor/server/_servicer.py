@@ -111,7 +111,7 @@ class SafetyMonitorServicer:
     ) -> None:
         self._pipeline = pipeline
         self._events = events
-        self._acks = Acknowledger(audit, drift, executor)
+        self._acks = Acknowledger(audit, drift, executor, events=events)
         self._metrics = metrics
         self._critique = critique
         self._debate = debate
@@ -129,11 +129,9 @@ class SafetyMonitorServicer:
         async with self._rpc("Score", context) as call:
             raw = await self._one(request_iterator, "Score")
             item, result, traceparent = await self._run(self._score_bytes, raw)
-            result = await self._acks.generation("Score", result)
             call.trace = trace = self._trace(traceparent, call.trace)  # the RPC's latency exemplar too
+            result = await self._acks.generation("Score", result, trace)
             self._metrics.record_score("Score", result, trace)
-            if self._events is not None:
-                self._events.generation("Score", result, trace)
             self._offer(result.request_id, item.prompt, item.output, result.flagged, result.detectors)
             return _convert.score_response(result)
 
@@ -161,9 +159,7 @@ class SafetyMonitorServicer:
                     if self._events is not None:
                         self._events.halt("ScoreStream", verdict, trace)
                 if verdict.final:
-                    verdict = await self._acks.generation("ScoreStream", verdict)
-                    if self._events is not None:
-                        self._events.generation("ScoreStream", verdict, trace)
+                    verdict = await self._acks.generation("ScoreStream", verdict, trace)
                 self._metrics.record_chunk(verdict, trace)
                 if verdict.final:
                     flagged = any(d.fired for d in verdict.detectors)
@@ -254,8 +250,9 @@ class SafetyMonitorServicer:
         start_index = summary.received
         scored = await self._run(self._score_all, batch)
         # the summary acknowledges these: on disk (and counted in drift) first
-        outcomes = await self._acks.generations("Ingest", [outcome for _, _, outcome, _ in scored])
-        for offset, ((request_id, item, _, traceparent), outcome) in enumerate(zip(scored, outcomes, strict=True)):
+        traces = [self._trace(traceparent, call_trace) for _, _, _, traceparent in scored]
+        outcomes = await self._acks.generations("Ingest", [outcome for _, _, outcome, _ in scored], traces)
+        for offset, ((request_id, item, _, _), outcome, trace) in enumerate(zip(scored, outcomes, traces, strict=True)):
             summary.received += 1
             if isinstance(outcome, InvalidInput):
                 summary.rejected += 1
@@ -268,10 +265,7 @@ class SafetyMonitorServicer:
                 summary.accepted += 1
                 summary.flagged += int(outcome.flagged)
                 self._metrics.ingest_items.labels("accepted").inc()
-                trace = self._trace(traceparent, call_trace)
                 self._metrics.record_score("Ingest", outcome, trace)
-                if self._events is not None:
-                    self._events.generation("Ingest", outcome, trace)
                 assert item is not None
                 self._offer(item.request_id, item.prompt, item.output, outcome.flagged, outcome.detectors)
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from monitor import __version__
@@ -30,6 +30,8 @@ __all__ = ["OtlpEvents", "check_endpoint"]
 log = logging.getLogger("monitor.telemetry")
 
 MAX_QUEUE = 4096  # generations (or HALTs, debates) waiting to become events
+SDK_QUEUE = 32768  # log records waiting in the SDK's batch processor (it drops the oldest beyond)
+EXPORT_TIMEOUT_S = 5.0  # one OTLP export call; a dead collector must not hold shutdown for long
 REMEMBERED = 4096  # request id -> trace, for the debate that follows a generation
 _STOP = object()
 
@@ -48,7 +50,9 @@ def check_endpoint(endpoint: str) -> tuple[str, bool]:
 class OtlpEvents:
     """The sidecar's evaluation events, exported to one OTLP/gRPC receiver.
 
-    ``count(outcome, n)`` is told of every event ``emitted`` and of work ``dropped`` (queue full).
+    ``count(outcome, n)`` is told of events ``emitted`` (handed to the SDK's exporter), events
+    ``failed`` (in a batch the receiver did not accept) and generations ``dropped`` (this queue was
+    full).
     """
 
     def __init__(
@@ -72,9 +76,12 @@ class OtlpEvents:
             ) from None
         resource = Resource.create({"service.name": service_name, "service.version": __version__})
         self._provider = LoggerProvider(resource=resource)
+        exporter = _Counted(OTLPLogExporter(endpoint=target, insecure=insecure, timeout=EXPORT_TIMEOUT_S), count)
         self._provider.add_log_record_processor(
             BatchLogRecordProcessor(
-                OTLPLogExporter(endpoint=target, insecure=insecure), schedule_delay_millis=schedule_delay_ms
+                cast(Any, exporter),  # duck-typed: the SDK is imported only here, not at module level
+                schedule_delay_millis=schedule_delay_ms,
+                max_queue_size=SDK_QUEUE,
             )
         )
         self._logger = self._provider.get_logger("safety_monitor", __version__, schema_url=SCHEMA_URL)
@@ -149,12 +156,40 @@ class OtlpEvents:
                 log.exception("otel: could not build an evaluation event; skipped")
 
     def close(self, timeout: float = 5.0) -> None:
-        """Export what is queued (within ``timeout`` s), then stop the thread and the SDK."""
+        """Export what is queued, then stop the thread and the SDK, all within ``timeout`` s: the
+        SDK's flush does not bound itself while an export retries, so it runs on a daemon thread
+        that is left behind (logged) when a dead collector would hold the shutdown longer."""
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
-        self._provider.force_flush(int(timeout * 1000))
-        self._provider.shutdown()
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+        def flush() -> None:
+            self._provider.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000))
+            self._provider.shutdown()
+
+        closer = threading.Thread(target=flush, name="otel-flush", daemon=True)
+        closer.start()
+        closer.join(max(0.0, deadline - time.monotonic()))
+        if closer.is_alive():
+            log.warning("otel: events not all exported to %s within %.0f s at shutdown", self.endpoint, timeout)
+
+
+class _Counted:
+    """The OTLP exporter, counting the events of every batch the receiver did not accept."""
+
+    def __init__(self, inner: Any, count: Callable[[str, int], None]) -> None:
+        self._inner = inner
+        self._count = count
+
+    def export(self, batch: Any) -> Any:
+        result = self._inner.export(batch)
+        if getattr(result, "name", "") != "SUCCESS":  # the SDK has two such enums (one deprecated)
+            self._count("failed", len(batch))
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # shutdown, force_flush, ...
+        return getattr(self._inner, name)
 
 
 def _one(build: Callable[..., Event], *args: Any) -> list[Event]:

@@ -63,6 +63,7 @@ def test_score_verdicts_arrive_as_evaluation_events_with_their_trace(receiver: O
     try:
         with MonitorClient(sidecar.target) as client:
             reply = client.score(generation("otel-field", 1, TRACEPARENT))
+            client.score(generation("otel-field", 1, TRACEPARENT))  # a retry: acknowledged once, emitted once
             bad = client.score(generation("otel-malformed", 2, "00-not-a-trace-01"))
         # The call's traceparent metadata (what OpenTelemetry's gRPC instrumentation sends).
         with grpc.insecure_channel(sidecar.target) as channel:
@@ -78,6 +79,8 @@ def test_score_verdicts_arrive_as_evaluation_events_with_their_trace(receiver: O
         metrics = sidecar.metrics()
     finally:
         sidecar.stop()
+    time.sleep(1.5)  # a second copy of the retried generation's events would have come by now
+    records = receiver.records
     assert len(records) == n
     mine = events_of(records, "otel-field")
     assert set(mine) == {d.detector for d in reply.detectors}
